@@ -1,0 +1,503 @@
+"""IP-Adapter (Ye et al. 2023, arXiv:2308.06721): image projection models, checkpoint family detection, and the
+host-free per-layer contribution used by every host (ComfyUI glue, diffusers processor).
+
+Official checkpoints hold two parts (research/methods.md §1.2, anchor-packs.md §1.4):
+``image_proj`` (one of the projection models below) and ``ip_adapter`` with ``f"{2k+1}.to_k_ip.weight"`` /
+``".to_v_ip.weight"`` of shape ``[layer_width, cross_attention_dim]`` for the k-th cross-attention site in diffusers
+order (see models/layers.py). The family is read from keys and shapes only, never from the file name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionFn, attention, ip_attention
+from .checkpoints import CheckpointError, load_file, split_prefixes
+from .layers import LAYOUT_NAMES, LAYOUTS
+
+# Prefixes of the two parts in flat (.safetensors) files; ComfyUI_IPAdapter_plus also accepts "adapter_modules.".
+CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter.", "adapter_modules.")}
+# Every public Resampler uses 64-dimensional heads (official Resampler default; diffusers infers heads the same way).
+RESAMPLER_DIM_HEAD = 64
+# ArcFace embedding width: a projection that takes 512-d input is a FaceID model (insightface buffalo_l/antelopev2).
+ARCFACE_DIM = 512
+
+# What a user should load for a given CLIP feature width (OpenCLIP checkpoints used by the official adapters).
+CLIP_VISION_BY_WIDTH = {
+    ("image_embeds", 1024): "ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
+    ("image_embeds", 1280): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
+    ("penultimate", 1280): "ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
+    ("penultimate", 1664): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
+}
+
+FAMILIES = ("base", "plus", "full-face")
+# CLIP vision output each family consumes: the projected embedding, or the penultimate layer's hidden states.
+FAMILY_FEATURE = {"base": "image_embeds", "plus": "penultimate", "full-face": "penultimate"}
+FAMILY_DESCRIPTION = {
+    "base": "IP-Adapter (base / light / vit-G)",
+    "plus": "IP-Adapter Plus (Plus, Plus-face, composition)",
+    "full-face": "IP-Adapter Full-face",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projection models. Parameter names follow the official checkpoints so that state dicts load as they are.
+
+
+class ImageProjModel(nn.Module):
+    """Base projection: ``LayerNorm(reshape(Linear(image_embeds), [B, tokens, cross_dim]))``."""
+
+    def __init__(self, clip_dim: int, cross_dim: int, tokens: int):
+        super().__init__()
+        self.tokens, self.cross_dim = tokens, cross_dim
+        self.proj = nn.Linear(clip_dim, tokens * cross_dim)
+        self.norm = nn.LayerNorm(cross_dim)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:  # [B, clip_dim] -> [B, tokens, cross_dim]
+        return self.norm(self.proj(embeds).reshape(-1, self.tokens, self.cross_dim))
+
+
+class MLPProjModel(nn.Module):
+    """Full-face projection: a per-token MLP ``LN(Linear(GELU(Linear(h))))`` over all CLIP hidden states."""
+
+    def __init__(self, clip_dim: int, cross_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, cross_dim), nn.LayerNorm(cross_dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, 257, clip_dim] -> [B, 257, cross_dim]
+        return self.proj(hidden)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to ``concat(features, latents)`` (Flamingo-style perceiver block)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int = RESAMPLER_DIM_HEAD):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x, latents = self.norm1(x), self.norm2(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat((x, latents), dim=1)).chunk(2, dim=-1)
+        return self.to_out(attention(q, k, v, self.heads))
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    # indices 0 (LayerNorm), 1 (Linear up), 3 (Linear down) are the checkpoint keys; 2 is the GELU.
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+
+
+class Resampler(nn.Module):
+    """Plus projection: learned latent queries refined by ``depth`` perceiver blocks over CLIP hidden states."""
+
+    def __init__(self, dim: int, depth: int, heads: int, num_queries: int, embedding_dim: int, output_dim: int, ff_mult: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            [nn.ModuleList([PerceiverAttention(dim, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)]
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, 257, embedding_dim] -> [B, queries, output_dim]
+        latents = self.latents.expand(hidden.shape[0], -1, -1)
+        x = self.proj_in(hidden)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Family detection
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a checkpoint is, read from its keys and shapes."""
+
+    family: str  # "base" | "plus" | "full-face"
+    layout: str  # "sd15" | "sdxl"
+    cross_dim: int  # text/image token width the UNet's to_k/to_v take (768 SD1.5, 2048 SDXL)
+    clip_dim: int  # width of the CLIP feature the projection takes
+    tokens: int  # image tokens per reference image (0: one per CLIP token, full-face)
+    widths: tuple[int, ...]  # layer width per adapter index
+    proj_config: dict[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def feature(self) -> str:
+        return FAMILY_FEATURE[self.family]
+
+    @property
+    def expected_clip_vision(self) -> str:
+        return CLIP_VISION_BY_WIDTH.get((self.feature, self.clip_dim), f"a CLIP vision model whose {self.feature} width is {self.clip_dim}")
+
+    def describe(self) -> str:
+        return (f"{FAMILY_DESCRIPTION[self.family]} for {LAYOUT_NAMES[self.layout]} "
+                f"({len(self.widths)} layers, cross-attention width {self.cross_dim}, CLIP {self.feature} width {self.clip_dim})")
+
+
+def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{what}: key image_proj.{key} is missing; the file is incomplete or not an IP-Adapter")
+    return sd[key]
+
+
+def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, torch.Tensor]) -> AdapterSpec:
+    """Read the adapter family and target model from keys and shapes."""
+    if not image_proj or not ip_adapter:
+        raise CheckpointError(
+            "not an IP-Adapter checkpoint: expected the parts image_proj.* and ip_adapter.* "
+            f"(found {len(image_proj)} image_proj and {len(ip_adapter)} ip_adapter keys)"
+        )
+    if any("_lora." in k for k in ip_adapter) or "perceiver_resampler.proj_in.weight" in image_proj:
+        raise CheckpointError("this is an IP-Adapter FaceID checkpoint; FaceID models need the face analysis "
+                              "nodes, which this pack does not have yet")
+
+    # Layers: 1.to_k_ip, 3.to_k_ip, ... contiguous.
+    idx = sorted(int(k.split(".")[0]) for k in ip_adapter if k.endswith(".to_k_ip.weight"))
+    if not idx or idx != list(range(1, 2 * len(idx), 2)):
+        raise CheckpointError(f"ip_adapter layers are not numbered 1, 3, 5, ...: found {idx[:6]}{'...' if len(idx) > 6 else ''}")
+    for i in idx:
+        if f"{i}.to_v_ip.weight" not in ip_adapter:
+            raise CheckpointError(f"ip_adapter.{i}.to_v_ip.weight is missing")
+    widths = tuple(int(ip_adapter[f"{i}.to_k_ip.weight"].shape[0]) for i in idx)
+    cross_dim = int(ip_adapter["1.to_k_ip.weight"].shape[1])
+    layout = LAYOUTS.get(len(idx))
+    if layout is None:
+        raise CheckpointError(f"IP-Adapter with {len(idx)} cross-attention layers: only SD1.5 (16) and SDXL (70) layouts exist")
+
+    if "latents" in image_proj:
+        latents = image_proj["latents"]
+        dim = int(latents.shape[-1])
+        embedding_dim = int(_require(image_proj, "proj_in.weight", "Plus").shape[1])
+        if embedding_dim == ARCFACE_DIM:
+            raise CheckpointError("this is an IP-Adapter FaceID Portrait (unnorm) checkpoint; FaceID models need the "
+                                  "face analysis nodes, which this pack does not have yet")
+        depth = len({k.split(".")[1] for k in image_proj if k.startswith("layers.")})
+        inner = int(_require(image_proj, "layers.0.0.to_q.weight", "Plus").shape[0])
+        cfg = dict(dim=dim, depth=depth, heads=max(1, inner // RESAMPLER_DIM_HEAD), num_queries=int(latents.shape[1]),
+                   embedding_dim=embedding_dim, output_dim=int(_require(image_proj, "proj_out.weight", "Plus").shape[0]),
+                   ff_mult=int(_require(image_proj, "layers.0.1.1.weight", "Plus").shape[0]) // dim)
+        if inner % RESAMPLER_DIM_HEAD:
+            raise CheckpointError(f"Resampler attention width {inner} is not a multiple of {RESAMPLER_DIM_HEAD}")
+        family, clip_dim, tokens = "plus", embedding_dim, cfg["num_queries"]
+        out_dim = cfg["output_dim"]
+    elif "proj.3.weight" in image_proj:
+        clip_dim = int(image_proj["proj.0.weight"].shape[1])
+        out_dim = int(_require(image_proj, "proj.2.weight", "Full-face").shape[0])
+        family, tokens, cfg = "full-face", 0, dict(clip_dim=clip_dim, cross_dim=out_dim)
+    elif "proj.weight" in image_proj:
+        proj = image_proj["proj.weight"]
+        out_dim = int(_require(image_proj, "norm.weight", "IP-Adapter").shape[0])
+        clip_dim = int(proj.shape[1])
+        if proj.shape[0] % out_dim:
+            raise CheckpointError(f"image_proj.proj.weight {tuple(proj.shape)} is not a multiple of the token width {out_dim}")
+        tokens = int(proj.shape[0]) // out_dim
+        family, cfg = "base", dict(clip_dim=clip_dim, cross_dim=out_dim, tokens=tokens)
+    elif "proj.0.weight" in image_proj and int(image_proj["proj.0.weight"].shape[1]) == ARCFACE_DIM:
+        raise CheckpointError("this is an IP-Adapter FaceID checkpoint; FaceID models need the face analysis nodes, "
+                              "which this pack does not have yet")
+    else:
+        raise CheckpointError("unknown image_proj layout (keys: " + ", ".join(sorted(image_proj)[:8]) + ")")
+    if out_dim != cross_dim:
+        raise CheckpointError(f"image_proj outputs width {out_dim} but the ip_adapter layers take {cross_dim}")
+    return AdapterSpec(family, layout, cross_dim, clip_dim, tokens, widths, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter module
+
+
+class IPLayer(nn.Module):
+    """The image K/V projections of one cross-attention site (``W'_k``, ``W'_v`` in the paper)."""
+
+    def __init__(self, cross_dim: int, width: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_dim, width, bias=False)
+        self.to_v_ip = nn.Linear(cross_dim, width, bias=False)
+
+
+class IPAdapterModel(nn.Module):
+    """Projection model + per-site image K/V weights, built from a spec and loaded from an official state dict."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.spec = spec
+        cfg = spec.proj_config
+        if spec.family == "plus":
+            self.image_proj = Resampler(**cfg)
+        elif spec.family == "full-face":
+            self.image_proj = MLPProjModel(**cfg)
+        else:
+            self.image_proj = ImageProjModel(**cfg)
+        self.ip_layers = nn.ModuleList([IPLayer(spec.cross_dim, w) for w in spec.widths])
+
+    @classmethod
+    def from_parts(cls, image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, torch.Tensor]) -> IPAdapterModel:
+        spec = detect_family(image_proj, ip_adapter)
+        with torch.device("meta"):
+            model = cls(spec)
+        layers = {f"{k}.{name}.weight": ip_adapter[f"{2 * k + 1}.{name}.weight"]
+                  for k in range(len(spec.widths)) for name in ("to_k_ip", "to_v_ip")}
+        _load_strict(model.image_proj, image_proj, "image_proj")
+        _load_strict(model.ip_layers, layers, "ip_adapter")
+        return model.float()
+
+    @classmethod
+    def from_file(cls, path: str) -> IPAdapterModel:
+        parts = split_prefixes(load_file(path), CHECKPOINT_PARTS)
+        try:
+            return cls.from_parts(parts["image_proj"], parts["ip_adapter"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP features (``[N, clip_dim]`` or ``[N, 257, clip_dim]``) -> image tokens ``[N, T, cross_dim]``."""
+        expected_rank = 2 if self.spec.feature == "image_embeds" else 3
+        if features.ndim != expected_rank or features.shape[-1] != self.spec.clip_dim:
+            raise ValueError(
+                f"{self.spec.describe()} takes CLIP {self.spec.feature} of width {self.spec.clip_dim}, got a tensor of "
+                f"shape {tuple(features.shape)}: use {self.spec.expected_clip_vision}"
+            )
+        p = next(self.image_proj.parameters())
+        return self.image_proj(features.to(p.device, p.dtype))
+
+
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], part: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        detail = "; ".join(
+            s for s in (
+                f"missing {missing[:4]}" if missing else "",
+                f"unexpected {unexpected[:4]}" if unexpected else "",
+                "shape mismatch " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:4]) if bad else "",
+            ) if s
+        )
+        raise CheckpointError(f"{part} does not match the detected layout: {detail}")
+    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference-image embeddings
+
+COMBINE_METHODS = ("concat", "average", "norm average")
+
+
+def combine_features(features: torch.Tensor, method: str) -> torch.Tensor:
+    """Combine N reference images' CLIP features before projection (``average``, ``norm average``).
+
+    ``norm average`` averages the per-image unit vectors (over the feature axis) and gives the result the mean
+    norm of the inputs, so that no image dominates by magnitude while the scale stays in distribution.
+    ``concat`` keeps the images apart: it is done on the projected tokens, see :func:`project_images`.
+    """
+    if method == "concat" or features.shape[0] == 1:
+        return features
+    if method == "average":
+        return features.mean(dim=0, keepdim=True)
+    if method == "norm average":
+        norms = features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (features / norms).mean(dim=0, keepdim=True) * norms.mean(dim=0, keepdim=True)
+    raise ValueError(f"unknown combine method {method!r}; expected one of {COMBINE_METHODS}")
+
+
+def project_images(adapter: IPAdapterModel, cond: torch.Tensor, uncond: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project N reference images into one set of tokens ``[1, T', cross_dim]`` for cond and uncond.
+
+    ``concat`` projects each image and concatenates the tokens along the token axis (T' = N*T), explicitly.
+    ``uncond`` has 1 or N rows (one negative for all, or one per image).
+    """
+    n = cond.shape[0]
+    if n == 0:
+        raise ValueError("no reference image: the image batch is empty")
+    if uncond.shape[0] not in (1, n):
+        raise ValueError(f"{uncond.shape[0]} negative images for {n} reference images: give 1 or {n}")
+    if method != "concat":
+        cond, uncond = combine_features(cond, method), combine_features(uncond, method)
+        return adapter.project(cond), adapter.project(uncond)
+    tok_c = adapter.project(cond)
+    tok_u = adapter.project(uncond).expand(n, -1, -1)
+    return tok_c.reshape(1, -1, tok_c.shape[-1]), tok_u.reshape(1, -1, tok_u.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One application of an adapter to a model, host-free
+
+
+def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
+    """Height and width of the token grid of a UNet level with ``seq_len`` tokens.
+
+    Each UNet downsample is a stride-2 3x3 convolution with padding 1, so sizes go ``h -> ceil(h / 2)``.
+    """
+    h, w = latent_hw
+    while h * w > seq_len:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != seq_len:
+        raise ValueError(f"cannot place {seq_len} attention tokens on a latent of {latent_hw[0]}x{latent_hw[1]}")
+    return h, w
+
+
+class IPAdapterPatch:
+    """Everything one Apply node adds to a model, independent of the host.
+
+    ``site_weights`` maps adapter index -> (weight, use_alt). Sites missing from it (or with weight 0) are skipped.
+    ``alt`` holds the tokens of the second image of "style and composition".
+    Tokens and resized masks are cached per device/dtype/resolution, so the per-layer call does no host sync and
+    no repeated work.
+    """
+
+    def __init__(
+        self,
+        adapter: IPAdapterModel,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        site_weights: dict[int, tuple[float, bool]],
+        scaling: str = "V only",
+        alt: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        if cond.shape != uncond.shape:
+            raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ")
+        self.adapter = adapter
+        self.tokens = {False: (cond, uncond)}
+        if alt is not None:
+            self.tokens[True] = alt
+        self.site_weights = {k: v for k, v in site_weights.items() if v[0] != 0.0}
+        self.scaling = scaling
+        self.mask = None if mask is None else (mask if mask.ndim == 3 else mask.reshape(-1, *mask.shape[-2:]))
+        self._token_cache: dict[Any, torch.Tensor] = {}
+        self._mask_cache: dict[Any, torch.Tensor] = {}
+
+    def active(self, adapter_index: int) -> bool:
+        return adapter_index in self.site_weights
+
+    def _stacked_tokens(self, use_alt: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (use_alt, device, dtype)
+        t = self._token_cache.get(key)
+        if t is None:
+            c, u = self.tokens[use_alt]
+            t = torch.cat([c, u]).to(device=device, dtype=dtype)  # [2, T, C]: row 0 cond, row 1 uncond
+            self._token_cache[key] = t
+        return t
+
+    def drop_caches(self) -> None:
+        self._token_cache.clear()
+        self._mask_cache.clear()
+
+    def resized_mask(self, grid: tuple[int, int], batch: int, chunks: list[int], device, dtype) -> torch.Tensor:
+        """The attention mask on this level's token grid: ``[len(chunks) * batch, h*w, 1]``, cached."""
+        key = (grid, batch, tuple(chunks), device, dtype)
+        m = self._mask_cache.get(key)
+        if m is None:
+            mask = self.mask
+            if mask.shape[0] not in (1, batch):
+                raise ValueError(f"the attention mask has {mask.shape[0]} frames but the latent batch has {batch}: "
+                                 f"give one mask, or one per latent")
+            m = F.interpolate(mask[:, None].to(device=device, dtype=torch.float32), size=grid, mode="bilinear", align_corners=False)
+            m = m.reshape(m.shape[0], -1, 1).expand(batch, -1, -1).repeat(len(chunks), 1, 1).to(dtype)
+            if len(self._mask_cache) > 32:
+                self._mask_cache.clear()
+            self._mask_cache[key] = m
+        return m
+
+    def delta(
+        self,
+        adapter_index: int,
+        q: torch.Tensor,
+        heads: int,
+        chunks: list[int],
+        attn: AttentionFn = attention,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor | None:
+        """The image-attention term of one site for a batch laid out as ``chunks`` (ComfyUI ``cond_or_uncond``:
+        0 = cond, 1 = uncond, one chunk of ``B / len(chunks)`` rows each). ``None`` when the site is off."""
+        wt = self.site_weights.get(adapter_index)
+        if wt is None:
+            return None
+        weight, use_alt = wt
+        layer = self.adapter.ip_layers[adapter_index]
+        tokens = self._stacked_tokens(use_alt, q.device, q.dtype)
+        wk, wv = layer.to_k_ip.weight, layer.to_v_ip.weight
+        if wk.device != q.device or wk.dtype != q.dtype:  # only when the host did not load the adapter for us
+            wk, wv = wk.to(q.device, q.dtype), wv.to(q.device, q.dtype)
+        k, v = F.linear(tokens, wk), F.linear(tokens, wv)  # [2, T, width]
+        batch = q.shape[0] // len(chunks)
+        rows = [1 if c == 1 else 0 for c in chunks]
+        if rows == [0, 1][: len(rows)] and len(rows) <= 2 and batch == 1:
+            ip_k, ip_v = k[: len(rows)], v[: len(rows)]
+        else:
+            idx = torch.tensor(rows, device=q.device).repeat_interleave(batch)
+            ip_k, ip_v = k.index_select(0, idx), v.index_select(0, idx)
+        out = ip_attention(q, ip_k, ip_v, heads, weight, self.scaling, attn)
+        if self.mask is not None and grid is not None:
+            out = out * self.resized_mask(grid, batch, chunks, q.device, q.dtype)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings passed between nodes and saved to disk
+
+EMBEDS_FORMAT = "personalize.ipadapter.embeds/1"
+
+
+@dataclass
+class IPAEmbeds:
+    """CLIP features of the reference images (not yet projected, so any adapter of the same CLIP kind can use
+    them): ``cond`` ``[N, ...]``, ``uncond`` ``[1 or N, ...]``, ``feature`` "image_embeds" | "penultimate"."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    feature: str
+
+    def __post_init__(self):
+        if self.feature not in ("image_embeds", "penultimate"):
+            raise ValueError(f"unknown CLIP feature {self.feature!r}")
+        if self.cond.shape[0] == 0:
+            raise ValueError("the embeds hold no image")
+        if self.cond.shape[1:] != self.uncond.shape[1:]:
+            raise ValueError(f"cond {tuple(self.cond.shape)} and uncond {tuple(self.uncond.shape)} embeds differ in shape")
+
+    @property
+    def width(self) -> int:
+        return int(self.cond.shape[-1])
+
+    def check_for(self, spec: AdapterSpec) -> None:
+        if self.feature != spec.feature or self.width != spec.clip_dim:
+            raise ValueError(
+                f"these embeds are CLIP {self.feature} of width {self.width}, but {spec.describe()} needs "
+                f"{spec.feature} of width {spec.clip_dim}: encode with {spec.expected_clip_vision}"
+            )
+
+    def save(self, path: str) -> str:
+        from .checkpoints import atomic_save_safetensors
+
+        return atomic_save_safetensors({"cond": self.cond.float(), "uncond": self.uncond.float()}, path,
+                                       {"format": EMBEDS_FORMAT, "feature": self.feature})
+
+    @classmethod
+    def load(cls, path: str) -> IPAEmbeds:
+        from safetensors import safe_open
+
+        if not path.lower().endswith(".safetensors"):
+            raise CheckpointError(f"{path}: embeds are stored as .safetensors")
+        data = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != EMBEDS_FORMAT or "cond" not in data or "uncond" not in data:
+            raise CheckpointError(f"{path} is not an IP-Adapter embeds file saved by this pack (format {meta.get('format')!r})")
+        return cls(data["cond"], data["uncond"], meta.get("feature", ""))

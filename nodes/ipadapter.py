@@ -1,0 +1,275 @@
+"""IP-Adapter nodes. Thin: the math is in models/ipadapter.py, the ComfyUI plumbing in nodes/patching.py."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+import folder_paths
+
+from ..models.attention import EMBEDS_SCALING
+from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, project_images
+from ..models.layers import WEIGHT_TYPES, layer_weights
+from . import patching
+
+log = logging.getLogger("personalize")
+
+CATEGORY = "personalize/ipadapter"
+IPADAPTER = "PERSONALIZE_IPADAPTER"
+EMBEDS = "PERSONALIZE_IPA_EMBEDS"
+EMBEDS_SUFFIX = ".ipaembeds.safetensors"
+
+
+@dataclass
+class LoadedIPAdapter:
+    """What flows on a PERSONALIZE_IPADAPTER socket: the adapter module and its ModelPatcher."""
+
+    name: str
+    model: IPAdapterModel
+    patcher: object
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared input declarations (declared once, used by several nodes)
+
+IN_IPADAPTER = (IPADAPTER, {"tooltip": "An IP-Adapter from 'Load IP-Adapter (Personalize)'."})
+IN_CLIP_VISION = ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with (ViT-H/14 for most; "
+                                              "ViT-bigG/14 for ip-adapter_sdxl and ip-adapter_sd15_vit-G)."})
+IN_IMAGE = ("IMAGE", {"tooltip": "Reference image(s). Several images are combined as 'combine_embeds' says."})
+IN_NEGATIVE = ("IMAGE", {"tooltip": "Optional negative image(s): their embedding replaces the default unconditional one."})
+IN_EMBEDS = (EMBEDS, {"tooltip": "Reference embeddings from 'IP-Adapter Encode' or 'Load IP-Adapter Embeds'."})
+
+
+def _fraction(default: float, tip: str):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tip})
+
+
+def _weight(tip: str):
+    return ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": tip})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PersonalizeIPAdapterLoader:
+    DESCRIPTION = ("Loads an IP-Adapter from models/ipadapter (.safetensors or .bin). The family (base/light/vit-G, "
+                   "Plus/Plus-face/composition, Full-face) and the target model (SD1.5 or SDXL) are read from the "
+                   "file's keys and shapes, not its name.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IPADAPTER,)
+    RETURN_NAMES = ("ipadapter",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ipadapter_file": (folder_paths.get_filename_list("ipadapter"),
+                                                {"tooltip": "File in models/ipadapter, e.g. ip-adapter_sd15.safetensors."})}}
+
+    def load(self, ipadapter_file):
+        path = patching.full_path("ipadapter", ipadapter_file, "IP-Adapter")
+        model = IPAdapterModel.from_file(path).eval().requires_grad_(False)
+        log.info("IP-Adapter %s: %s", ipadapter_file, model.spec.describe())
+        return (LoadedIPAdapter(ipadapter_file, model, patching.adapter_patcher(model)),)
+
+
+def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_negative=None) -> IPAEmbeds:
+    spec = ipadapter.spec
+    if image is None or image.shape[0] == 0:
+        raise ValueError("IP-Adapter: the reference image batch is empty")
+    width = patching.clip_vision_width(clip_vision, spec.feature)
+    if width != spec.clip_dim:
+        raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives {spec.feature} of width {width}, "
+                         f"but {spec.describe()} needs width {spec.clip_dim}: load {spec.expected_clip_vision}")
+    cond = patching.encode_clip_vision(clip_vision, image, spec.feature)
+    if image_negative is not None:
+        if image_negative.shape[0] == 0:
+            raise ValueError("IP-Adapter: the negative image batch is empty")
+        uncond = patching.encode_clip_vision(clip_vision, image_negative, spec.feature)
+    elif spec.feature == "image_embeds":
+        uncond = torch.zeros_like(cond[:1])  # official uncond for global-embedding adapters: zero embeddings
+    else:
+        uncond = patching.blank_clip_features(clip_vision, spec.feature)
+    return IPAEmbeds(cond, uncond, spec.feature)
+
+
+class PersonalizeIPAdapterEncode:
+    DESCRIPTION = ("Encodes reference images with CLIP vision for an IP-Adapter. Without a negative image the "
+                   "unconditional embedding is the one the adapter was trained with (zero embedding for base "
+                   "models, the encoding of a blank image for Plus / Full-face).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ipadapter": IN_IPADAPTER, "clip_vision": IN_CLIP_VISION, "image": IN_IMAGE},
+                "optional": {"image_negative": IN_NEGATIVE}}
+
+    def encode(self, ipadapter, clip_vision, image, image_negative=None):
+        return (_encode(ipadapter, clip_vision, image, image_negative),)
+
+
+class PersonalizeIPAdapterApply:
+    DESCRIPTION = ("Adds the image prompt to every cross-attention layer of an SD1.5 / SDXL model (decoupled "
+                   "cross-attention). Give either image + clip_vision or embeds. Coexists with other packs' "
+                   "attention patches on the same layers.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model."}),
+                "ipadapter": IN_IPADAPTER,
+                "weight": _weight("Strength of the image prompt; 0 leaves the model untouched."),
+                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": "How the weight is spread over the "
+                                "layers. 'style transfer' / 'composition' use only the style or layout layers "
+                                "(InstantStyle); 'style and composition' takes a second image for layout."}),
+                "start_at": _fraction(0.0, "Fraction of the sampling steps where the image prompt starts."),
+                "end_at": _fraction(1.0, "Fraction of the sampling steps where it stops."),
+                "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference images: "
+                                   "'concat' keeps all images' tokens; 'average' / 'norm average' blend them first."}),
+                "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": "Where the weight is applied: "
+                                   "to the image attention output (V only), to K and V, or K and V with a penalty "
+                                   "for narrow layers."}),
+            },
+            "optional": {
+                "image": IN_IMAGE,
+                "clip_vision": IN_CLIP_VISION,
+                "embeds": IN_EMBEDS,
+                "image_negative": IN_NEGATIVE,
+                "attn_mask": ("MASK", {"tooltip": "Where the image prompt acts (white) and where not (black). Any size: "
+                                       "it is stretched to the latent. One mask, or one per latent in the batch."}),
+                "composition_image": ("IMAGE", {"tooltip": "Layout reference for weight type 'style and composition'."}),
+                "composition_embeds": (EMBEDS, {"tooltip": "Layout reference embeds for 'style and composition'."}),
+                "composition_weight": _weight("Strength of the layout reference in 'style and composition'."),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_at, end_at):
+        if start_at > end_at:
+            return f"start_at ({start_at}) is after end_at ({end_at})"
+        return True
+
+    def apply(self, model, ipadapter, weight, weight_type, start_at, end_at, combine_embeds, embeds_scaling,
+              image=None, clip_vision=None, embeds=None, image_negative=None, attn_mask=None,
+              composition_image=None, composition_embeds=None, composition_weight=1.0):
+        if start_at > end_at:
+            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+        with_composition = weight_type == "style and composition"
+        if weight == 0 and (not with_composition or composition_weight == 0):
+            log.info("IP-Adapter weight is 0: model returned unchanged")
+            return (model,)
+        spec = ipadapter.spec
+        transformers, sites, context_dim = patching.discover_sites(model)
+        patching.check_compatible(ipadapter.model, transformers, sites, context_dim)
+        embeds = self._embeds(ipadapter, clip_vision, image, embeds, image_negative, "image / embeds")
+        alt_embeds = None
+        if with_composition:
+            alt_embeds = self._embeds(ipadapter, clip_vision, composition_image, composition_embeds, None,
+                                      "composition_image / composition_embeds")
+        mask = _check_mask(attn_mask)
+
+        patching.prepare_adapter(ipadapter.patcher, patching.compute_dtype(model))
+        with torch.no_grad():
+            tokens = project_images(ipadapter.model, embeds.cond, embeds.uncond, combine_embeds)
+            alt = project_images(ipadapter.model, alt_embeds.cond, alt_embeds.uncond, combine_embeds) if alt_embeds else None
+        per_transformer = layer_weights(weight_type, transformers, spec.layout, weight, composition_weight)
+        site_weights = {s.adapter_index: per_transformer[s.transformer_index]
+                        for s in sites if s.transformer_index in per_transformer}
+        patch = IPAdapterPatch(ipadapter.model, *(t.detach() for t in tokens), site_weights, embeds_scaling,
+                               alt=tuple(t.detach() for t in alt) if alt else None, mask=mask)
+        sigma_start, sigma_end = patching.sigma_window(model, start_at, end_at)
+        out = patching.apply_patch(model, patch, ipadapter.patcher, sites, transformers, sigma_start, sigma_end)
+        log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
+                 len(patch.site_weights), len(sites), weight_type, weight)
+        return (out,)
+
+    @staticmethod
+    def _embeds(ipadapter, clip_vision, image, embeds, image_negative, what) -> IPAEmbeds:
+        if embeds is not None:
+            if image is not None:
+                raise ValueError(f"connect either an image or embeds ({what}), not both")
+            embeds.check_for(ipadapter.spec)
+            return embeds
+        if image is None:
+            raise ValueError(f"IP-Adapter needs a reference: connect {what}")
+        if clip_vision is None:
+            raise ValueError("IP-Adapter: an image input needs clip_vision too (or connect embeds instead)")
+        return _encode(ipadapter, clip_vision, image, image_negative)
+
+
+def _check_mask(mask):
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or mask.shape[0] == 0 or min(mask.shape[-2:]) == 0:
+        raise ValueError(f"attn_mask must be a MASK [frames, height, width], got shape {tuple(mask.shape)}")
+    return mask.float().cpu()
+
+
+class PersonalizeIPAdapterSaveEmbeds:
+    DESCRIPTION = "Saves IP-Adapter embeds to the output folder as safetensors (never a pickle)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"embeds": IN_EMBEDS,
+                             "filename_prefix": ("STRING", {"default": "personalize/ipa_embeds",
+                                                            "tooltip": "Prefix in the output folder."})}}
+
+    def save(self, embeds, filename_prefix):
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
+        file = f"{name}_{counter:05}{EMBEDS_SUFFIX}"
+        embeds.save(os.path.join(folder, file))
+        log.info("saved IP-Adapter embeds to %s", os.path.join(folder, file))
+        return {"ui": {"embeds": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+
+
+def _embeds_files() -> list[str]:
+    out = []
+    for base, tag in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
+        for root, _, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.endswith(EMBEDS_SUFFIX):
+                    out.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/") + tag)
+    return sorted(out)
+
+
+class PersonalizeIPAdapterLoadEmbeds:
+    DESCRIPTION = "Loads IP-Adapter embeds saved by 'Save IP-Adapter Embeds' (from the input or output folder)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"embeds_file": (_embeds_files(), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
+
+    def load(self, embeds_file):
+        return (IPAEmbeds.load(folder_paths.get_annotated_filepath(embeds_file)),)
+
+
+NODES = {
+    "PersonalizeIPAdapterLoader": ("Load IP-Adapter (Personalize)", PersonalizeIPAdapterLoader),
+    "PersonalizeIPAdapterEncode": ("IP-Adapter Encode (Personalize)", PersonalizeIPAdapterEncode),
+    "PersonalizeIPAdapterApply": ("Apply IP-Adapter (Personalize)", PersonalizeIPAdapterApply),
+    "PersonalizeIPAdapterSaveEmbeds": ("Save IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterSaveEmbeds),
+    "PersonalizeIPAdapterLoadEmbeds": ("Load IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterLoadEmbeds),
+}

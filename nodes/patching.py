@@ -1,0 +1,287 @@
+"""The one glue module: everything that touches ComfyUI internals (``comfy.*``, ``folder_paths``).
+
+- model folders of the pack, registered without clobbering extra_model_paths.yaml entries;
+- the attention-site registry: one attn2 replace object per cross-attention site, compatible with the
+  ``.add(callback, **kwargs)`` protocol of the popular IP-Adapter / PuLID / InstantID packs, so that their patches
+  and ours stack on the same site instead of overwriting each other;
+- discovery of a UNet's cross-attention sites, sigma windows, compute dtype;
+- CLIP-vision encoding and loading adapter weights with ComfyUI's model management.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..models.ipadapter import IPAdapterModel, IPAdapterPatch, token_grid
+from ..models.layers import LAYOUT_NAMES, LAYOUT_TRANSFORMERS, Site, Transformer, sites_from_transformers
+
+log = logging.getLogger("personalize")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model folders
+
+# name -> where users get the files; ipadapter now, the others for the methods that follow.
+MODEL_FOLDERS = {
+    "ipadapter": "IP-Adapter weights (h94/IP-Adapter, h94/IP-Adapter-FaceID on Hugging Face)",
+    "pulid": "PuLID weights",
+    "e4t": "E4T encoders and weight offsets",
+    "insightface": "insightface model packs, as models/insightface/models/<name>/*.onnx",
+    "eva_clip": "EVA02-CLIP vision towers",
+    "face_parsing": "face parsing / alignment models (facexlib)",
+}
+
+
+def register_model_folders() -> None:
+    """Add ``<models_dir>/<name>`` for each pack folder, keeping paths that extra_model_paths.yaml already set."""
+    for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
+        entry = folder_paths.folder_names_and_paths.get(name)
+        if entry is None:
+            folder_paths.folder_names_and_paths[name] = ([default], set(folder_paths.supported_pt_extensions))
+            continue
+        paths, exts = entry
+        if default not in paths:
+            paths.append(default)
+        if not exts:
+            exts.update(folder_paths.supported_pt_extensions)
+
+
+def full_path(folder: str, name: str, what: str) -> str:
+    """Resolve a model file, or raise an error naming the file, the folders searched and where to get it."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths(folder)) or "(none registered)"
+        raise FileNotFoundError(f"{what} '{name}' not found in the '{folder}' folders: {searched}. "
+                                f"Put the file there ({MODEL_FOLDERS.get(folder, 'see the README')}).")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sigma of the current model call, read once per call (not once per layer)
+
+_sigma_slot: list = [None, 0.0]
+
+
+def current_sigma(extra_options: dict) -> float:
+    """The sigma of the running model call. The device->host read happens once per model call: every site of
+    every patch in that call sees the same ``sigmas`` tensor object, which is cached here."""
+    sigmas = extra_options.get("sigmas")
+    if sigmas is None:
+        return math.inf
+    if _sigma_slot[0] is not sigmas:
+        _sigma_slot[0], _sigma_slot[1] = sigmas, float(sigmas.reshape(-1)[0])
+    return _sigma_slot[1]
+
+
+def sigma_window(model, start_at: float, end_at: float) -> tuple[float, float]:
+    """Fractions of the sampling schedule -> (sigma_start, sigma_end) for the model's own sampling."""
+    ms = model.get_model_object("model_sampling")
+    return float(ms.percent_to_sigma(start_at)), float(ms.percent_to_sigma(end_at))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention sites
+
+
+def _attend(q, k, v, extra_options):
+    return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                                               transformer_options=extra_options)
+
+
+class AttentionSite:
+    """attn2 replace object of one site.
+
+    Calls ``base`` (a replace function that was there before, if any) or the plain text attention, then adds
+    ``callback(out, q, k, v, extra_options, **kwargs)`` for each callback whose ``[sigma_end, sigma_start]`` window
+    contains the current sigma: the protocol of ``Attn2Replace`` in the popular packs, so they can ``.add`` to
+    ours and we to theirs. ``copy.deepcopy`` (done by ``ModelPatcher.clone()``) copies the lists but shares the
+    callbacks, so clones never duplicate adapter weights and never see each other's later additions.
+    """
+
+    def __init__(self, base=None):
+        self.callback: list = []
+        self.kwargs: list[dict] = []
+        self._base = base
+
+    def add(self, callback, **kwargs) -> None:
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        out = self._base(q, k, v, extra_options) if self._base is not None else _attend(q, k, v, extra_options)
+        sigma = current_sigma(extra_options)
+        for callback, kwargs in zip(self.callback, self.kwargs):
+            if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", math.inf):
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out.to(q.dtype)
+
+    def __deepcopy__(self, memo):
+        new = AttentionSite(self._base)
+        new.callback = list(self.callback)
+        new.kwargs = [dict(kw) for kw in self.kwargs]
+        return new
+
+    def to(self, device_or_dtype):
+        """ComfyUI moves patch objects with the model; weights move through model management, so only caches
+        are dropped here."""
+        for callback in self.callback:
+            drop = getattr(callback, "drop_caches", None)
+            if drop is not None:
+                drop()
+        return self
+
+
+def add_to_site(attn2: dict, site: Site, depth: int, callback, **kwargs) -> None:
+    """Add ``callback`` at ``site``: to the object already there (ours or another pack's), else to a new one."""
+    keys = [site.key, site.key[:2]] if site.block_index == 0 else [site.key]
+    existing = next((k for k in keys if k in attn2), None)
+    if existing is not None:
+        obj = attn2[existing]
+        if hasattr(obj, "add") and hasattr(obj, "callback"):
+            obj.add(callback, **kwargs)
+            return
+        new = AttentionSite(base=obj)  # a plain replace function: keep it as the base attention
+        key = existing
+    else:
+        new = AttentionSite()
+        key = site.key if depth > 1 else site.key[:2]
+    new.add(callback, **kwargs)
+    attn2[key] = new
+
+
+def discover_sites(model) -> tuple[list[Transformer], list[Site], int]:
+    """The cross-attention sites of a ComfyUI UNet: (transformers in execution order, sites, context width)."""
+    dm = model.model.diffusion_model
+    if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"{type(dm).__name__} is not a UNet (SD1.x / SD2.x / SDXL); IP-Adapter patches UNet cross-attention")
+    transformers, widths, context = [], [], set()
+    for block, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+        for block_id, seq in enumerate(blocks):
+            for layer in seq:
+                tb = getattr(layer, "transformer_blocks", None)
+                if tb is None or not isinstance(layer, comfy_attention.SpatialTransformer):
+                    continue
+                transformers.append(Transformer(block, block_id, len(tb)))
+                widths.append(tb[0].attn2.to_k.out_features)
+                context.add(tb[0].attn2.to_k.in_features)
+    return transformers, sites_from_transformers(transformers, widths), (context.pop() if len(context) == 1 else 0)
+
+
+def check_compatible(adapter: IPAdapterModel, transformers: list[Transformer], sites: list[Site], context_dim: int) -> None:
+    """Raise if the adapter was not made for this model, saying what was found and what to use."""
+    spec = adapter.spec
+    layout = next((name for name, t in LAYOUT_TRANSFORMERS.items() if list(t) == transformers), None)
+    model_name = LAYOUT_NAMES.get(layout, f"a UNet with {len(sites)} cross-attention layers")
+    if layout != spec.layout or len(sites) != len(spec.widths):
+        raise ValueError(f"adapter/model mismatch: the IP-Adapter is for {LAYOUT_NAMES[spec.layout]} ({len(spec.widths)} layers) "
+                         f"but the model is {model_name}. Load an {model_name} IP-Adapter "
+                         f"(e.g. {'ip-adapter_sd15.safetensors' if layout == 'sd15' else 'ip-adapter_sdxl_vit-h.safetensors'}).")
+    widths = [0] * len(sites)
+    for s in sites:
+        widths[s.adapter_index] = s.width
+    if tuple(widths) != spec.widths or context_dim != spec.cross_dim:
+        raise ValueError(f"adapter/model mismatch: the IP-Adapter's layers take width {spec.cross_dim} and produce "
+                         f"{sorted(set(spec.widths))}, the model's cross-attention takes {context_dim} and has "
+                         f"{sorted(set(widths))}: this adapter belongs to another {LAYOUT_NAMES[spec.layout]} model family")
+
+
+class IPAdapterCallback:
+    """The per-site callable given to an attention site: bridges ComfyUI's ``extra_options`` to the host-free
+    :meth:`IPAdapterPatch.delta`. Shared, never copied, by clones."""
+
+    def __init__(self, patch: IPAdapterPatch, adapter_index: int):
+        self.patch, self.adapter_index = patch, adapter_index
+
+    def __call__(self, out, q, k, v, extra_options, **kwargs):
+        grid = None
+        if self.patch.mask is not None:
+            grid = token_grid(tuple(extra_options["original_shape"][-2:]), q.shape[1])
+        delta = self.patch.delta(self.adapter_index, q, extra_options["n_heads"], extra_options["cond_or_uncond"],
+                                 attn=lambda q_, k_, v_, h: _attend(q_, k_, v_, extra_options), grid=grid)
+        return 0.0 if delta is None else delta
+
+    def drop_caches(self) -> None:
+        self.patch.drop_caches()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+ADDITIONAL_MODELS_KEY = "personalize_adapters"
+
+
+def apply_patch(model, patch: IPAdapterPatch, adapter_patcher, sites: list[Site], transformers: list[Transformer],
+                sigma_start: float, sigma_end: float):
+    """Clone ``model`` and put ``patch`` on every active site; the adapter weights load and offload with it."""
+    model = model.clone()
+    to = model.model_options.setdefault("transformer_options", {})
+    attn2 = to.setdefault("patches_replace", {}).setdefault("attn2", {})
+    depth = {(t.block, t.block_id): t.depth for t in transformers}
+    for site in sites:
+        if patch.active(site.adapter_index):
+            add_to_site(attn2, site, depth[(site.block, site.block_id)], IPAdapterCallback(patch, site.adapter_index),
+                        sigma_start=sigma_start, sigma_end=sigma_end)
+    extra = model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    if not any(p.model is adapter_patcher.model for p in extra):
+        model.set_additional_models(ADDITIONAL_MODELS_KEY, extra + [adapter_patcher])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model management of adapter weights
+
+
+def compute_dtype(model) -> torch.dtype:
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # fp8 storage: compute in half precision
+        dtype = torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
+    return dtype
+
+
+def adapter_patcher(module: torch.nn.Module):
+    """A ModelPatcher for adapter weights, so ComfyUI loads them with the UNet and offloads them after."""
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def prepare_adapter(adapter_patcher_, dtype: torch.dtype) -> None:
+    """Cast the adapter to the model's compute dtype (once) and load it to the compute device."""
+    module = adapter_patcher_.model
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    mm.load_models_gpu([adapter_patcher_])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP vision
+
+
+def clip_vision_width(clip_vision, feature: str) -> int:
+    m = clip_vision.model
+    if feature == "image_embeds":
+        return m.visual_projection.weight.shape[0]
+    return m.vision_model.embeddings.class_embedding.shape[0]
+
+
+def encode_clip_vision(clip_vision, image: torch.Tensor, feature: str) -> torch.Tensor:
+    """CLIP features of a ComfyUI IMAGE batch ``[N, H, W, C]``: ``image_embeds`` or the penultimate hidden states."""
+    out = clip_vision.encode_image(image, crop=True)
+    return (out["image_embeds"] if feature == "image_embeds" else out["penultimate_hidden_states"]).float()
+
+
+def blank_clip_features(clip_vision, feature: str) -> torch.Tensor:
+    """Unconditional CLIP features as the official IP-Adapter makes them: the encoder applied to an all-zero
+    *normalized* pixel tensor (a mean-colour image), for models that take hidden states (Plus, Full-face)."""
+    mm.load_model_gpu(clip_vision.patcher)
+    size = clip_vision.image_size
+    pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
+    out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
+    feats = out[2] if feature == "image_embeds" else out[1]
+    return feats.to(mm.intermediate_device()).float()
