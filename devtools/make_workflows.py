@@ -1,0 +1,175 @@
+"""Write the example workflows (workflows/*.json in the frontend's UI format, workflows/api/*.json in API format)
+from the graphs defined below, using the real node definitions of a ComfyUI checkout for widget order.
+
+    python devtools/make_workflows.py --comfyui /path/to/ComfyUI
+
+Graphs are declared once here, in API form; the UI form is derived (auto-laid-out), so both stay in step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+REF_A, REF_B = "personalize_reference.png", "personalize_reference_2.png"
+# Official IP-Adapter defaults (tencent-ailab/IP-Adapter demo notebooks): quality prompt and negative prompt.
+POSITIVE = "best quality, high quality"
+NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+
+def _sampling(graph: dict, model_ref: list, ckpt_id: str, prompt: str, size: int, prefix: str, seed: int = 42) -> None:
+    graph.update({
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [ckpt_id, 1]}},
+        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": [ckpt_id, 1]}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "23": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": seed, "steps": 25, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["20", 0],
+                                                   "negative": ["21", 0], "latent_image": ["22", 0], "denoise": 1.0}},
+        "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": [ckpt_id, 2]}},
+        "25": {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": prefix}},
+    })
+
+
+def _apply(model, ipadapter, image, clip_vision, weight=0.8, weight_type="linear", mask=None) -> dict:
+    inputs = {"model": model, "ipadapter": ipadapter, "weight": weight, "weight_type": weight_type, "start_at": 0.0,
+              "end_at": 1.0, "combine_embeds": "concat", "embeds_scaling": "V only", "image": image, "clip_vision": clip_vision,
+              "composition_weight": 1.0}
+    if mask is not None:
+        inputs["attn_mask"] = mask
+    return {"class_type": "PersonalizeIPAdapterApply", "inputs": inputs}
+
+
+def basic_sd15() -> dict:
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter_sd15.safetensors"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "5": _apply(["1", 0], ["2", 0], ["4", 0], ["3", 0]),
+    }
+    _sampling(g, ["5", 0], "1", POSITIVE, 512, "personalize/ipadapter_sd15")
+    return g
+
+
+def style_transfer_sdxl() -> dict:
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter-plus_sdxl_vit-h.safetensors"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "5": _apply(["1", 0], ["2", 0], ["4", 0], ["3", 0], weight=1.0, weight_type="style transfer"),
+    }
+    _sampling(g, ["5", 0], "1", "a cat sitting on a chair, " + POSITIVE, 1024, "personalize/ipadapter_sdxl_style")
+    return g
+
+
+def two_references_masked_sd15() -> dict:
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter-plus_sd15.safetensors"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": REF_B}},
+        # left half white: a black 512x512 canvas plus a white 256x512 block at x=0
+        "6": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 512, "height": 512}},
+        "7": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 256, "height": 512}},
+        "8": {"class_type": "MaskComposite", "inputs": {"destination": ["6", 0], "source": ["7", 0], "x": 0, "y": 0, "operation": "add"}},
+        "9": {"class_type": "InvertMask", "inputs": {"mask": ["8", 0]}},
+        "10": _apply(["1", 0], ["2", 0], ["4", 0], ["3", 0], weight=0.7, mask=["8", 0]),
+        "11": _apply(["10", 0], ["2", 0], ["5", 0], ["3", 0], weight=0.7, mask=["9", 0]),
+    }
+    _sampling(g, ["11", 0], "1", "two people side by side, " + POSITIVE, 512, "personalize/ipadapter_two_refs")
+    return g
+
+
+WORKFLOWS = {
+    "ipadapter_sd15_basic": basic_sd15,
+    "ipadapter_sdxl_style_transfer": style_transfer_sdxl,
+    "ipadapter_sd15_two_references_masked": two_references_masked_sd15,
+}
+
+
+def api_to_ui(api: dict) -> dict:
+    """Frontend (litegraph 0.4) form of an API graph, laid out in columns by graph depth."""
+    import nodes
+
+    import comfy_host
+
+    depth: dict[str, int] = {}
+
+    def node_depth(nid: str) -> int:
+        if nid not in depth:
+            links = [v for v in api[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((node_depth(v[0]) for v in links), default=-1)
+        return depth[nid]
+
+    order = sorted(api, key=lambda n: (node_depth(n), int(n)))
+    links, ui_nodes, column_y = [], {}, {}
+    for idx, nid in enumerate(order):
+        node = api[nid]
+        cls = nodes.NODE_CLASS_MAPPINGS[node["class_type"]]
+        specs = comfy_host._input_specs(node["class_type"])
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        widgets, inputs = [], []
+        for name, typ, opts, optional in specs:
+            value = node["inputs"].get(name)
+            if comfy_host._is_widget(typ, opts):
+                widgets.append(value if value is not None else opts.get("default"))
+                if comfy_host._has_control_widget(name, typ, opts):
+                    widgets.append("fixed")
+                if comfy_host._has_upload_widget(opts):
+                    widgets.append("image")
+            else:
+                inputs.append({"name": name, "type": typ, "link": None})
+                if isinstance(value, list):
+                    link_id = len(links) + 1
+                    links.append([link_id, int(value[0]), value[1], int(nid), len(inputs) - 1, typ])
+                    inputs[-1]["link"] = link_id
+        d = node_depth(nid)
+        y = column_y.get(d, 60)
+        height = 60 + 26 * (len(widgets) + max(len(inputs), len(names)))
+        column_y[d] = y + height + 40
+        ui_nodes[nid] = {
+            "id": int(nid), "type": node["class_type"], "pos": [40 + 360 * d, y], "size": [320, height], "flags": {},
+            "order": idx, "mode": 0, "inputs": inputs,
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))],
+            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+        }
+    for link_id, src, slot, *_ in links:
+        ui_nodes[str(src)]["outputs"][slot]["links"].append(link_id)
+    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links),
+            "nodes": [ui_nodes[n] for n in order], "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "workflows"))
+    args = ap.parse_args(argv)
+    if not args.comfyui:
+        ap.error("--comfyui or COMFYUI_PATH is required")
+    import comfy_host
+
+    comfy_host.bootstrap(args.comfyui)
+    comfy_host.load_pack(ROOT)
+    os.makedirs(os.path.join(args.out, "api"), exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        api = build()
+        for path, data in ((os.path.join(args.out, "api", name + ".json"), api), (os.path.join(args.out, name + ".json"), api_to_ui(api))):
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+            print(path)
+
+
+if __name__ == "__main__":
+    main()

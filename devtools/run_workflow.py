@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Run one of the pack's workflows headless in a real ComfyUI and save the image.
+
+    python devtools/run_workflow.py --comfyui PATH --workflow workflows/<name>.json --out out.png
+                                    [--models-dir DIR] [--steps N] [--size N] [--tiny] [--cache-dir DIR]
+
+* The workflow may be UI format (saved by the frontend) or API format.
+* The pack is loaded through ComfyUI's own custom-node loader (no server).
+* Model files: if every model file the workflow names (checkpoint, CLIP
+  vision, IP-Adapter, LoRA, VAE) is found in ComfyUI's model folders (plus
+  ``--models-dir`` and ``extra_model_paths.yaml``), they are used.  Otherwise
+  (or with ``--tiny``) tiny random models of the same topology are generated
+  into a cache dir (default ``<repo>/.tiny_models/``) and substituted; every
+  substitution is logged.  Tiny models give noise-like images: that run checks
+  the graph, not the looks.
+* A missing ``LoadImage`` picture is replaced by a generated test picture.
+* The first image of the SaveImage (else PreviewImage) outputs is written to
+  ``--out``; the path is printed.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+
+log = logging.getLogger("run_workflow")
+
+DEVTOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(DEVTOOLS)
+if DEVTOOLS not in sys.path:
+    sys.path.insert(0, DEVTOOLS)
+
+import comfy_host  # noqa: E402
+
+#: (class type or "*", input name) -> model folder.  Extend for new loaders.
+MODEL_INPUTS = {
+    ("*", "ckpt_name"): "checkpoints",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("*", "lora_name"): "loras",
+    ("*", "vae_name"): "vae",
+    ("*", "ipadapter_file"): "ipadapter",
+}
+#: VAELoader names that are not files (approximate decoders, pixel space).
+_SPECIAL_VAE_NAMES = {"taesd", "taesdxl", "taesd3", "taef1", "pixel_space"}
+_IMAGE_LOADERS = {("LoadImage", "image"), ("LoadImageMask", "image")}
+
+
+def model_refs(api):
+    """[(node_id, input_name, folder, value)] for every model file the prompt names."""
+    refs = []
+    for node_id, node in api.items():
+        for name, value in node.get("inputs", {}).items():
+            if not isinstance(value, str):
+                continue
+            folder = MODEL_INPUTS.get((node["class_type"], name)) or MODEL_INPUTS.get(("*", name))
+            if folder is None:
+                continue
+            if folder == "vae" and value in _SPECIAL_VAE_NAMES:
+                continue
+            refs.append((node_id, name, folder, value))
+    return refs
+
+
+# ---------------------------------------------------------------------------
+# tiny substitutes
+# ---------------------------------------------------------------------------
+
+def checkpoint_layout(name):
+    """Guess "sdxl" / "sd15" from a checkpoint file name."""
+    return "sdxl" if re.search(r"xl", name, re.I) else "sd15"
+
+
+def clip_vision_kind(name):
+    low = name.lower()
+    return "vit-bigG" if ("bigg" in low or "vit-g" in low or "vit_g" in low) else "vit-h"
+
+
+def ipadapter_spec(name):
+    """(family, layout, clip_kind) of an IP-Adapter file from its conventional name."""
+    low = name.lower()
+    layout = "sdxl" if "sdxl" in low else "sd15"
+    if "full-face" in low or "full_face" in low:
+        family = "full-face"
+    elif "plus" in low:
+        family = "plus"
+    elif "vit-g" in low or "vit_g" in low:
+        family = "vit-g"
+    else:
+        family = "base"
+    if family == "vit-g" or (layout == "sdxl" and family == "base" and "vit-h" not in low):
+        clip_kind = "vit-bigG"
+    else:
+        clip_kind = "vit-h"
+    return family, layout, clip_kind
+
+
+def _source_stamp():
+    """Changes whenever the tiny-model generators change (cache invalidation)."""
+    h = hashlib.sha256()
+    for fname in ("tiny_models.py", "tiny_adapters.py"):
+        path = os.path.join(DEVTOOLS, fname)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+_CACHE_SUBDIRS = ("checkpoints", "clip_vision", "ipadapter", "loras", "vae")
+
+
+def prepare_cache(cache_dir):
+    """Empty the generated sub-folders of ``cache_dir`` if the generators changed."""
+    os.makedirs(cache_dir, exist_ok=True)
+    stamp_path = os.path.join(cache_dir, "STAMP")
+    stamp = _source_stamp()
+    old = open(stamp_path).read().strip() if os.path.exists(stamp_path) else None
+    if old != stamp:
+        for sub in _CACHE_SUBDIRS:
+            shutil.rmtree(os.path.join(cache_dir, sub), ignore_errors=True)
+        with open(stamp_path, "w") as f:
+            f.write(stamp + "\n")
+
+
+def _ensure(path, writer):
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        writer(path)
+    return os.path.basename(path)
+
+
+def tiny_substitute(folder, value, cache_dir, seed=0):
+    """Generate (once) the tiny file standing in for ``value``; return its name inside ``folder``."""
+    import tiny_models
+    out_dir = os.path.join(cache_dir, folder)
+    if folder == "checkpoints":
+        layout = checkpoint_layout(value)
+        writer = tiny_models.write_tiny_sdxl if layout == "sdxl" else tiny_models.write_tiny_sd15
+        return _ensure(os.path.join(out_dir, "tiny_{}.safetensors".format(layout)), lambda p: writer(p, seed))
+    if folder == "clip_vision":
+        kind = clip_vision_kind(value)
+        return _ensure(os.path.join(out_dir, "tiny_clip_vision_{}.safetensors".format(kind)),
+                       lambda p: tiny_models.write_tiny_clip_vision(p, kind, seed))
+    if folder == "vae":
+        return _ensure(os.path.join(out_dir, "tiny_taesd_vae.safetensors"),
+                       lambda p: tiny_models.write_tiny_vae(p, seed))
+    if folder == "loras":
+        def write_empty_lora(p):
+            import comfy.utils
+            import torch
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            # a LoRA with no matching keys: loads, patches nothing
+            comfy.utils.save_torch_file({"personalize_tiny_placeholder": torch.zeros(1)}, p)
+        return _ensure(os.path.join(out_dir, "tiny_lora_empty.safetensors"), write_empty_lora)
+    if folder == "ipadapter":
+        family, layout, clip_kind = ipadapter_spec(value)
+        try:
+            import pack_alias
+            pack_alias.register()
+            import tiny_adapters
+        except ImportError as e:  # devtools/tiny_adapters.py not there yet
+            raise SystemExit("cannot generate a tiny IP-Adapter for {!r}: devtools/tiny_adapters.py is missing "
+                             "({})".format(value, e))
+        path = os.path.join(out_dir, "tiny_ipadapter_{}_{}_{}.safetensors".format(family, layout, clip_kind))
+        return _ensure(path, lambda p: tiny_adapters.write_tiny_adapter(p, family, layout, clip_kind, seed))
+    raise SystemExit("no tiny substitute for model folder {!r} (file {!r}); add one to run_workflow.py".format(
+        folder, value))
+
+
+def write_test_image(path, key):
+    """A deterministic 256x256 RGB test picture (gradients + a disc), different per ``key``."""
+    import numpy as np
+    from PIL import Image
+    seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:256, 0:256] / 255.0
+    c = rng.uniform(0.2, 0.8, size=3)
+    img = np.stack([xx * c[0] + (1 - xx) * (1 - c[0]), yy * c[1], (xx + yy) / 2 * c[2]], axis=-1)
+    cy, cx = rng.uniform(80, 176, size=2)
+    disc = (yy * 255 - cy) ** 2 + (xx * 255 - cx) ** 2 < 60 ** 2
+    img[disc] = rng.uniform(0, 1, size=3)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((img * 255).astype("uint8")).save(path)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
+                   help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    p.add_argument("--workflow", required=True, help="workflow JSON (UI or API format)")
+    p.add_argument("--out", required=True, help="where to write the resulting image (.png)")
+    p.add_argument("--models-dir", help="extra models dir (ComfyUI layout) searched before ComfyUI's own")
+    p.add_argument("--steps", type=int, help="override the 'steps' of every sampler")
+    p.add_argument("--size", type=int, help="override width/height of EmptyLatentImage-type nodes")
+    p.add_argument("--tiny", action="store_true", help="always use tiny random models")
+    p.add_argument("--cache-dir", default=os.path.join(REPO_ROOT, ".tiny_models"),
+                   help="where tiny models are generated (default: <repo>/.tiny_models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny random weights")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if not args.comfyui:
+        raise SystemExit("--comfyui PATH (or $COMFYUI_PATH) is required")
+
+    comfy_host.bootstrap(args.comfyui)
+    import folder_paths
+    import tiny_models
+    import utils.extra_config
+    extra = os.path.join(comfy_host.comfyui_path(), "extra_model_paths.yaml")
+    if os.path.isfile(extra):
+        utils.extra_config.load_extra_path_config(extra)
+    if args.models_dir:
+        comfy_host.use_models_dir(args.models_dir)
+    tiny_models.register_tiny_configs()  # only matters if a tiny file is loaded
+    comfy_host.load_pack(REPO_ROOT)
+
+    with open(args.workflow) as f:
+        workflow = json.load(f)
+    if not comfy_host.is_api_format(workflow):
+        comfy_host.check_ui_workflow(workflow)
+    api = comfy_host.ui_to_api(workflow)
+
+    refs = model_refs(api)
+    missing = [r for r in refs if folder_paths.get_full_path(r[2], r[3]) is None]
+    if missing or args.tiny:
+        if missing:
+            log.info("missing model files: %s", ", ".join("{}/{}".format(r[2], r[3]) for r in missing))
+        log.info("using tiny random models from %s", args.cache_dir)
+        prepare_cache(args.cache_dir)
+        comfy_host.use_models_dir(args.cache_dir)
+        for node_id, name, folder, value in refs:
+            sub = tiny_substitute(folder, value, args.cache_dir, args.seed)
+            api[node_id]["inputs"][name] = sub
+            log.info("node %s %s: %s -> %s (tiny)", node_id, name, value, sub)
+    else:
+        log.info("all %d model files found; using them", len(refs))
+
+    for node_id, node in api.items():
+        inputs = node["inputs"]
+        if (node["class_type"], "image") in _IMAGE_LOADERS and isinstance(inputs.get("image"), str):
+            if not folder_paths.exists_annotated_filepath(inputs["image"]):
+                stem = os.path.splitext(os.path.basename(inputs["image"].split(" [")[0]))[0]
+                name = "personalize_test_{}.png".format(re.sub(r"[^A-Za-z0-9_.-]", "_", stem))
+                write_test_image(os.path.join(folder_paths.get_temp_directory(), name), inputs["image"])
+                log.info("node %s image: %s not found -> generated %s", node_id, inputs["image"], name)
+                inputs["image"] = name + " [temp]"
+        if args.steps is not None and isinstance(inputs.get("steps"), int):
+            inputs["steps"] = args.steps
+        if args.size is not None and "EmptyLatent" in node["class_type"]:
+            for key in ("width", "height"):
+                if isinstance(inputs.get(key), int):
+                    inputs[key] = args.size
+
+    result = comfy_host.run_prompt(api)
+    images = comfy_host.output_image_paths(result)
+    if not images:
+        raise SystemExit("the workflow produced no image (no SaveImage/PreviewImage output)")
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if out.lower().endswith(".png"):
+        shutil.copyfile(images[0], out)
+    else:
+        from PIL import Image
+        with Image.open(images[0]) as im:
+            im.save(out)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
