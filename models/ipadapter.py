@@ -437,12 +437,12 @@ class IPAdapterPatch:
             wk, wv = wk.to(q.device, q.dtype), wv.to(q.device, q.dtype)
         k, v = F.linear(tokens, wk), F.linear(tokens, wv)  # [2, T, width]
         batch = q.shape[0] // len(chunks)
-        rows = [1 if c == 1 else 0 for c in chunks]
-        if rows == [0, 1][: len(rows)] and len(rows) <= 2 and batch == 1:
+        rows = [1 if c == 1 else 0 for c in chunks]  # anything but uncond (e.g. ip2p's third chunk) is cond
+        if batch == 1 and rows in ([0], [0, 1]):
             ip_k, ip_v = k[: len(rows)], v[: len(rows)]
-        else:
-            idx = torch.tensor(rows, device=q.device).repeat_interleave(batch)
-            ip_k, ip_v = k.index_select(0, idx), v.index_select(0, idx)
+        else:  # built from views: no index tensor, so no host->device copy per layer call
+            ip_k = torch.cat([k[r : r + 1].expand(batch, -1, -1) for r in rows])
+            ip_v = torch.cat([v[r : r + 1].expand(batch, -1, -1) for r in rows])
         out = ip_attention(q, ip_k, ip_v, heads, weight, self.scaling, attn)
         if self.mask is not None and grid is not None:
             out = out * self.resized_mask(grid, batch, chunks, q.device, q.dtype)

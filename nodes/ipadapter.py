@@ -157,7 +157,7 @@ class PersonalizeIPAdapterApply:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_at, end_at):
+    def VALIDATE_INPUTS(cls, start_at=0.0, end_at=1.0):  # linked inputs are not passed: defaults then
         if start_at > end_at:
             return f"start_at ({start_at}) is after end_at ({end_at})"
         return True
@@ -188,8 +188,8 @@ class PersonalizeIPAdapterApply:
         per_transformer = layer_weights(weight_type, transformers, spec.layout, weight, composition_weight)
         site_weights = {s.adapter_index: per_transformer[s.transformer_index]
                         for s in sites if s.transformer_index in per_transformer}
-        patch = IPAdapterPatch(ipadapter.model, *(t.detach() for t in tokens), site_weights, embeds_scaling,
-                               alt=tuple(t.detach() for t in alt) if alt else None, mask=mask)
+        patch = IPAdapterPatch(ipadapter.model, *_stored(tokens), site_weights, embeds_scaling,
+                               alt=_stored(alt) if alt else None, mask=mask)
         sigma_start, sigma_end = patching.sigma_window(model, start_at, end_at)
         out = patching.apply_patch(model, patch, ipadapter.patcher, sites, transformers, sigma_start, sigma_end)
         log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
@@ -208,6 +208,11 @@ class PersonalizeIPAdapterApply:
         if clip_vision is None:
             raise ValueError("IP-Adapter: an image input needs clip_vision too (or connect embeds instead)")
         return _encode(ipadapter, clip_vision, image, image_negative)
+
+
+def _stored(tokens):
+    """Projected tokens are kept on the CPU in fp32; the patch caches a copy per compute device and dtype."""
+    return tuple(t.detach().to("cpu", torch.float32) for t in tokens)
 
 
 def _check_mask(mask):
