@@ -45,6 +45,8 @@ MODEL_INPUTS = {
     ("*", "ipadapter_file"): "ipadapter",
 }
 #: VAELoader names that are not files (approximate decoders, pixel space).
+#: Latent size and steps of a tiny run unless --size / --steps say otherwise.
+TINY_DEFAULT_SIZE, TINY_DEFAULT_STEPS = 128, 4
 _SPECIAL_VAE_NAMES = {"taesd", "taesdxl", "taesd3", "taef1", "pixel_space"}
 _IMAGE_LOADERS = {("LoadImage", "image"), ("LoadImageMask", "image")}
 
@@ -239,6 +241,12 @@ def main(argv=None):
         if missing:
             log.info("missing model files: %s", ", ".join("{}/{}".format(r[2], r[3]) for r in missing))
         log.info("using tiny random models from %s", args.cache_dir)
+        # tiny models give noise-like pictures: a small latent and a few steps check the graph just as well
+        if args.size is None:
+            args.size = TINY_DEFAULT_SIZE
+        if args.steps is None:
+            args.steps = TINY_DEFAULT_STEPS
+        log.info("tiny run at %d px, %d steps (override with --size / --steps)", args.size, args.steps)
         prepare_cache(args.cache_dir)
         comfy_host.use_models_dir(args.cache_dir)
         for node_id, name, folder, value in refs:
