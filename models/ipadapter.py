@@ -35,14 +35,25 @@ CLIP_VISION_BY_WIDTH = {
     ("penultimate", 1664): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
 }
 
-FAMILIES = ("base", "plus", "full-face")
-# CLIP vision output each family consumes: the projected embedding, or the penultimate layer's hidden states.
-FAMILY_FEATURE = {"base": "image_embeds", "plus": "penultimate", "full-face": "penultimate"}
+FAMILIES = ("base", "plus", "full-face", "faceid", "faceid-plus", "faceid-portrait-unnorm")
+FACEID_FAMILIES = ("faceid", "faceid-plus", "faceid-portrait-unnorm")
+# CLIP vision output each family consumes: the projected embedding, or the penultimate layer's hidden states
+# (FaceID Plus: of the aligned face crop); None: no CLIP input.
+FAMILY_FEATURE = {"base": "image_embeds", "plus": "penultimate", "full-face": "penultimate", "faceid": None,
+                  "faceid-plus": "penultimate", "faceid-portrait-unnorm": None}
+# ArcFace embedding each FaceID family was trained on: insightface ``normed_embedding`` or the raw ``embedding``
+# (Portrait unnorm; ComfyUI_IPAdapter_plus feeds it one raw embedding per image).
+FACE_EMBEDDING = {"faceid": "normed", "faceid-plus": "normed", "faceid-portrait-unnorm": "raw"}
 FAMILY_DESCRIPTION = {
     "base": "IP-Adapter (base / light / vit-G)",
     "plus": "IP-Adapter Plus (Plus, Plus-face, composition)",
     "full-face": "IP-Adapter Full-face",
+    "faceid": "IP-Adapter FaceID",
+    "faceid-plus": "IP-Adapter FaceID Plus (v1 / v2)",
+    "faceid-portrait-unnorm": "IP-Adapter FaceID Portrait unnorm",
 }
+# FaceID Portrait models are the FaceID MLP with 16 tokens (h94/IP-Adapter-FaceID: portrait-v11_sd15, portrait_sdxl).
+PORTRAIT_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,12 +109,12 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
 
 
-class Resampler(nn.Module):
-    """Plus projection: learned latent queries refined by ``depth`` perceiver blocks over CLIP hidden states."""
+class FacePerceiverResampler(nn.Module):
+    """Perceiver blocks that refine given latents over CLIP hidden states (FaceID Plus: the latents are the
+    projected face-ID tokens). Keys: ``proj_in``, ``layers.{i}.{0,1}``, ``proj_out``, ``norm_out``."""
 
-    def __init__(self, dim: int, depth: int, heads: int, num_queries: int, embedding_dim: int, output_dim: int, ff_mult: int = 4):
+    def __init__(self, dim: int, depth: int, heads: int, embedding_dim: int, output_dim: int, ff_mult: int = 4):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
@@ -111,13 +122,56 @@ class Resampler(nn.Module):
             [nn.ModuleList([PerceiverAttention(dim, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)]
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, 257, embedding_dim] -> [B, queries, output_dim]
-        latents = self.latents.expand(hidden.shape[0], -1, -1)
+    def forward(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(hidden)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))
+
+
+class Resampler(FacePerceiverResampler):
+    """Plus projection: learned latent queries refined by ``depth`` perceiver blocks over CLIP hidden states
+    (also FaceID Portrait unnorm, over a one-token sequence holding the raw ArcFace embedding)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, num_queries: int, embedding_dim: int, output_dim: int, ff_mult: int = 4):
+        super().__init__(dim, depth, heads, embedding_dim, output_dim, ff_mult)
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, seq, embedding_dim] -> [B, queries, output_dim]
+        return super().forward(self.latents.expand(hidden.shape[0], -1, -1), hidden)
+
+
+def _id_mlp(id_dim: int, cross_dim: int, tokens: int, hidden: int) -> nn.Sequential:
+    # keys proj.0 / proj.2 (proj.1 is the GELU): Linear(512 -> 1024) -> GELU -> Linear(1024 -> tokens * cross)
+    return nn.Sequential(nn.Linear(id_dim, hidden), nn.GELU(), nn.Linear(hidden, tokens * cross_dim))
+
+
+class FaceIDProjModel(nn.Module):
+    """FaceID / FaceID Portrait projection: ``LN(reshape(MLP(arcface), [B, tokens, cross_dim]))``."""
+
+    def __init__(self, id_dim: int, cross_dim: int, tokens: int, hidden: int):
+        super().__init__()
+        self.tokens, self.cross_dim = tokens, cross_dim
+        self.proj = _id_mlp(id_dim, cross_dim, tokens, hidden)
+        self.norm = nn.LayerNorm(cross_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, 512] -> [B, tokens, cross_dim]
+        return self.norm(self.proj(ids).reshape(-1, self.tokens, self.cross_dim))
+
+
+class FaceIDPlusProjModel(FaceIDProjModel):
+    """FaceID Plus (v1, v2): ID tokens refined by a perceiver over the CLIP hidden states of the aligned face;
+    v2 adds the ID tokens back: ``out = x + shortcut_scale * perceiver(x, clip)``."""
+
+    def __init__(self, id_dim: int, cross_dim: int, tokens: int, hidden: int, depth: int, heads: int, embedding_dim: int, ff_mult: int = 4):
+        super().__init__(id_dim, cross_dim, tokens, hidden)
+        self.perceiver_resampler = FacePerceiverResampler(cross_dim, depth, heads, embedding_dim, cross_dim, ff_mult)
+
+    def forward(self, ids: torch.Tensor, clip: torch.Tensor, shortcut_scale: float | None = None) -> torch.Tensor:
+        x = super().forward(ids)
+        out = self.perceiver_resampler(x, clip)
+        return out if shortcut_scale is None else x + shortcut_scale * out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,31 +182,58 @@ class Resampler(nn.Module):
 class AdapterSpec:
     """What a checkpoint is, read from its keys and shapes."""
 
-    family: str  # "base" | "plus" | "full-face"
+    family: str  # one of FAMILIES
     layout: str  # "sd15" | "sdxl"
     cross_dim: int  # text/image token width the UNet's to_k/to_v take (768 SD1.5, 2048 SDXL)
-    clip_dim: int  # width of the CLIP feature the projection takes
+    clip_dim: int  # width of the CLIP feature the projection takes (0: none)
     tokens: int  # image tokens per reference image (0: one per CLIP token, full-face)
     widths: tuple[int, ...]  # layer width per adapter index
     proj_config: dict[str, int] = field(default_factory=dict, compare=False)
+    id_dim: int = 0  # ArcFace embedding width of FaceID families (512)
+    has_lora: bool = False  # the file carries the FaceID LoRA (to_q_lora ...) next to the image layers
 
     @property
-    def feature(self) -> str:
+    def feature(self) -> str | None:
         return FAMILY_FEATURE[self.family]
+
+    @property
+    def is_faceid(self) -> bool:
+        return self.family in FACEID_FAMILIES
 
     @property
     def expected_clip_vision(self) -> str:
         return CLIP_VISION_BY_WIDTH.get((self.feature, self.clip_dim), f"a CLIP vision model whose {self.feature} width is {self.clip_dim}")
 
+    @property
+    def name(self) -> str:
+        if self.family == "faceid" and self.tokens == PORTRAIT_TOKENS:
+            return "IP-Adapter FaceID Portrait"
+        return FAMILY_DESCRIPTION[self.family]
+
     def describe(self) -> str:
-        return (f"{FAMILY_DESCRIPTION[self.family]} for {LAYOUT_NAMES[self.layout]} "
-                f"({len(self.widths)} layers, cross-attention width {self.cross_dim}, CLIP {self.feature} width {self.clip_dim})")
+        inputs = f"CLIP {self.feature} width {self.clip_dim}" if self.feature else ""
+        if self.is_faceid:
+            inputs = f"ArcFace {FACE_EMBEDDING[self.family]} embedding" + (f" + {inputs}" if inputs else "")
+        return f"{self.name} for {LAYOUT_NAMES[self.layout]} ({len(self.widths)} layers, cross-attention width {self.cross_dim}, {inputs})"
 
 
 def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:
         raise CheckpointError(f"{what}: key image_proj.{key} is missing; the file is incomplete or not an IP-Adapter")
     return sd[key]
+
+
+def _perceiver_config(sd: dict[str, torch.Tensor], prefix: str, what: str) -> dict[str, int]:
+    """dim/depth/heads/embedding_dim/output_dim/ff_mult of a perceiver stack stored under ``prefix``."""
+    proj_in = _require(sd, prefix + "proj_in.weight", what)
+    dim = int(proj_in.shape[0])
+    inner = int(_require(sd, prefix + "layers.0.0.to_q.weight", what).shape[0])
+    if inner % RESAMPLER_DIM_HEAD:
+        raise CheckpointError(f"{what}: perceiver attention width {inner} is not a multiple of {RESAMPLER_DIM_HEAD}")
+    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "layers.")})
+    return dict(dim=dim, depth=depth, heads=inner // RESAMPLER_DIM_HEAD, embedding_dim=int(proj_in.shape[1]),
+                output_dim=int(_require(sd, prefix + "proj_out.weight", what).shape[0]),
+                ff_mult=int(_require(sd, prefix + "layers.0.1.1.weight", what).shape[0]) // dim)
 
 
 def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, torch.Tensor]) -> AdapterSpec:
@@ -162,9 +243,7 @@ def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, tor
             "not an IP-Adapter checkpoint: expected the parts image_proj.* and ip_adapter.* "
             f"(found {len(image_proj)} image_proj and {len(ip_adapter)} ip_adapter keys)"
         )
-    if any("_lora." in k for k in ip_adapter) or "perceiver_resampler.proj_in.weight" in image_proj:
-        raise CheckpointError("this is an IP-Adapter FaceID checkpoint; FaceID models need the face analysis "
-                              "nodes, which this pack does not have yet")
+    has_lora = any("_lora." in k for k in ip_adapter)
 
     # Layers: 1.to_k_ip, 3.to_k_ip, ... contiguous.
     idx = sorted(int(k.split(".")[0]) for k in ip_adapter if k.endswith(".to_k_ip.weight"))
@@ -179,22 +258,25 @@ def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, tor
     if layout is None:
         raise CheckpointError(f"IP-Adapter with {len(idx)} cross-attention layers: only SD1.5 (16) and SDXL (70) layouts exist")
 
-    if "latents" in image_proj:
-        latents = image_proj["latents"]
-        dim = int(latents.shape[-1])
-        embedding_dim = int(_require(image_proj, "proj_in.weight", "Plus").shape[1])
-        if embedding_dim == ARCFACE_DIM:
-            raise CheckpointError("this is an IP-Adapter FaceID Portrait (unnorm) checkpoint; FaceID models need the "
-                                  "face analysis nodes, which this pack does not have yet")
-        depth = len({k.split(".")[1] for k in image_proj if k.startswith("layers.")})
-        inner = int(_require(image_proj, "layers.0.0.to_q.weight", "Plus").shape[0])
-        cfg = dict(dim=dim, depth=depth, heads=max(1, inner // RESAMPLER_DIM_HEAD), num_queries=int(latents.shape[1]),
-                   embedding_dim=embedding_dim, output_dim=int(_require(image_proj, "proj_out.weight", "Plus").shape[0]),
-                   ff_mult=int(_require(image_proj, "layers.0.1.1.weight", "Plus").shape[0]) // dim)
-        if inner % RESAMPLER_DIM_HEAD:
-            raise CheckpointError(f"Resampler attention width {inner} is not a multiple of {RESAMPLER_DIM_HEAD}")
-        family, clip_dim, tokens = "plus", embedding_dim, cfg["num_queries"]
+    id_dim = 0
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        id_dim = int(_require(image_proj, "proj.0.weight", "FaceID Plus").shape[1])
+        out_dim = int(_require(image_proj, "norm.weight", "FaceID Plus").shape[0])
+        per = _perceiver_config(image_proj, "perceiver_resampler.", "FaceID Plus")
+        if per["dim"] != out_dim or per["output_dim"] != out_dim:
+            raise CheckpointError(f"FaceID Plus perceiver width {per['dim']}/{per['output_dim']} differs from the ID tokens' {out_dim}")
+        tokens = int(_require(image_proj, "proj.2.weight", "FaceID Plus").shape[0]) // out_dim
+        cfg = dict(id_dim=id_dim, cross_dim=out_dim, tokens=tokens, hidden=int(image_proj["proj.0.weight"].shape[0]),
+                   depth=per["depth"], heads=per["heads"], embedding_dim=per["embedding_dim"], ff_mult=per["ff_mult"])
+        family, clip_dim = "faceid-plus", per["embedding_dim"]
+    elif "latents" in image_proj:
+        cfg = _perceiver_config(image_proj, "", "Plus")
+        cfg["num_queries"] = tokens = int(image_proj["latents"].shape[1])
         out_dim = cfg["output_dim"]
+        if cfg["embedding_dim"] == ARCFACE_DIM:  # a Resampler over the ArcFace embedding: Portrait unnorm
+            family, clip_dim, id_dim = "faceid-portrait-unnorm", 0, ARCFACE_DIM
+        else:
+            family, clip_dim = "plus", cfg["embedding_dim"]
     elif "proj.3.weight" in image_proj:
         clip_dim = int(image_proj["proj.0.weight"].shape[1])
         out_dim = int(_require(image_proj, "proj.2.weight", "Full-face").shape[0])
@@ -207,14 +289,17 @@ def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, tor
             raise CheckpointError(f"image_proj.proj.weight {tuple(proj.shape)} is not a multiple of the token width {out_dim}")
         tokens = int(proj.shape[0]) // out_dim
         family, cfg = "base", dict(clip_dim=clip_dim, cross_dim=out_dim, tokens=tokens)
-    elif "proj.0.weight" in image_proj and int(image_proj["proj.0.weight"].shape[1]) == ARCFACE_DIM:
-        raise CheckpointError("this is an IP-Adapter FaceID checkpoint; FaceID models need the face analysis nodes, "
-                              "which this pack does not have yet")
+    elif "proj.0.weight" in image_proj and "proj.2.weight" in image_proj:
+        id_dim = int(image_proj["proj.0.weight"].shape[1])
+        out_dim = int(_require(image_proj, "norm.weight", "FaceID").shape[0])
+        tokens = int(image_proj["proj.2.weight"].shape[0]) // out_dim
+        family, clip_dim = "faceid", 0
+        cfg = dict(id_dim=id_dim, cross_dim=out_dim, tokens=tokens, hidden=int(image_proj["proj.0.weight"].shape[0]))
     else:
         raise CheckpointError("unknown image_proj layout (keys: " + ", ".join(sorted(image_proj)[:8]) + ")")
     if out_dim != cross_dim:
         raise CheckpointError(f"image_proj outputs width {out_dim} but the ip_adapter layers take {cross_dim}")
-    return AdapterSpec(family, layout, cross_dim, clip_dim, tokens, widths, cfg)
+    return AdapterSpec(family, layout, cross_dim, clip_dim, tokens, widths, cfg, id_dim, has_lora)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,12 +322,9 @@ class IPAdapterModel(nn.Module):
         super().__init__()
         self.spec = spec
         cfg = spec.proj_config
-        if spec.family == "plus":
-            self.image_proj = Resampler(**cfg)
-        elif spec.family == "full-face":
-            self.image_proj = MLPProjModel(**cfg)
-        else:
-            self.image_proj = ImageProjModel(**cfg)
+        build = {"plus": Resampler, "faceid-portrait-unnorm": Resampler, "full-face": MLPProjModel, "base": ImageProjModel,
+                 "faceid": FaceIDProjModel, "faceid-plus": FaceIDPlusProjModel}[spec.family]
+        self.image_proj = build(**cfg)
         self.ip_layers = nn.ModuleList([IPLayer(spec.cross_dim, w) for w in spec.widths])
 
     @classmethod
@@ -264,15 +346,33 @@ class IPAdapterModel(nn.Module):
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from e
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """CLIP features (``[N, clip_dim]`` or ``[N, 257, clip_dim]``) -> image tokens ``[N, T, cross_dim]``."""
-        expected_rank = 2 if self.spec.feature == "image_embeds" else 3
-        if features.ndim != expected_rank or features.shape[-1] != self.spec.clip_dim:
-            raise ValueError(
-                f"{self.spec.describe()} takes CLIP {self.spec.feature} of width {self.spec.clip_dim}, got a tensor of "
-                f"shape {tuple(features.shape)}: use {self.spec.expected_clip_vision}"
-            )
+    def project(self, features: torch.Tensor, clip: torch.Tensor | None = None, shortcut_scale: float | None = None) -> torch.Tensor:
+        """Reference features -> image tokens ``[N, T, cross_dim]``.
+
+        ``features``: CLIP features (``[N, clip_dim]`` or ``[N, 257, clip_dim]``), or for FaceID families ArcFace
+        embeddings ``[N, 512]``; ``clip``: FaceID Plus only, the CLIP hidden states of the aligned faces;
+        ``shortcut_scale``: FaceID Plus v2's weight of the ID tokens added back (None: v1, no shortcut).
+        """
+        spec = self.spec
         p = next(self.image_proj.parameters())
+        if spec.is_faceid:
+            if features.ndim != 2 or features.shape[-1] != spec.id_dim:
+                raise ValueError(f"{spec.name} takes ArcFace embeddings of width {spec.id_dim}, got shape {tuple(features.shape)}")
+            ids = features.to(p.device, p.dtype)
+            if spec.family == "faceid":
+                return self.image_proj(ids)
+            if spec.family == "faceid-portrait-unnorm":
+                return self.image_proj(ids[:, None])  # each face is a one-token sequence
+            if clip is None or clip.ndim != 3 or clip.shape[-1] != spec.clip_dim or clip.shape[0] != ids.shape[0]:
+                raise ValueError(f"{spec.name} needs the CLIP penultimate hidden states (width {spec.clip_dim}) of each "
+                                 f"face crop, got {None if clip is None else tuple(clip.shape)}: use {spec.expected_clip_vision}")
+            return self.image_proj(ids, clip.to(p.device, p.dtype), shortcut_scale)
+        expected_rank = 2 if spec.feature == "image_embeds" else 3
+        if features.ndim != expected_rank or features.shape[-1] != spec.clip_dim:
+            raise ValueError(
+                f"{spec.describe()} takes CLIP {spec.feature} of width {spec.clip_dim}, got a tensor of "
+                f"shape {tuple(features.shape)}: use {spec.expected_clip_vision}"
+            )
         return self.image_proj(features.to(p.device, p.dtype))
 
 
@@ -316,22 +416,33 @@ def combine_features(features: torch.Tensor, method: str) -> torch.Tensor:
     raise ValueError(f"unknown combine method {method!r}; expected one of {COMBINE_METHODS}")
 
 
-def project_images(adapter: IPAdapterModel, cond: torch.Tensor, uncond: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def project_images(
+    adapter: IPAdapterModel,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    method: str,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shortcut_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Project N reference images into one set of tokens ``[1, T', cross_dim]`` for cond and uncond.
 
     ``concat`` projects each image and concatenates the tokens along the token axis (T' = N*T), explicitly.
-    ``uncond`` has 1 or N rows (one negative for all, or one per image).
+    ``uncond`` has 1 or N rows (one negative for all, or one per image). ``clip`` (FaceID Plus) pairs CLIP
+    hidden states with the rows of ``cond`` and ``uncond``.
     """
     n = cond.shape[0]
     if n == 0:
         raise ValueError("no reference image: the image batch is empty")
     if uncond.shape[0] not in (1, n):
         raise ValueError(f"{uncond.shape[0]} negative images for {n} reference images: give 1 or {n}")
+    clip_c, clip_u = clip if clip is not None else (None, None)
     if method != "concat":
+        if clip is not None:
+            clip_c, clip_u = combine_features(clip_c, method), combine_features(clip_u, method)
         cond, uncond = combine_features(cond, method), combine_features(uncond, method)
-        return adapter.project(cond), adapter.project(uncond)
-    tok_c = adapter.project(cond)
-    tok_u = adapter.project(uncond).expand(n, -1, -1)
+        return adapter.project(cond, clip_c, shortcut_scale), adapter.project(uncond, clip_u, shortcut_scale)
+    tok_c = adapter.project(cond, clip_c, shortcut_scale)
+    tok_u = adapter.project(uncond, clip_u, shortcut_scale).expand(n, -1, -1)
     return tok_c.reshape(1, -1, tok_c.shape[-1]), tok_u.reshape(1, -1, tok_u.shape[-1])
 
 

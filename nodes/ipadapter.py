@@ -10,7 +10,8 @@ import torch
 import folder_paths
 
 from ..models.attention import EMBEDS_SCALING
-from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, project_images
+from ..models.ipadapter import (COMBINE_METHODS, FACE_EMBEDDING, PORTRAIT_TOKENS, IPAdapterModel, IPAdapterPatch,
+                                IPAEmbeds, project_images)
 from ..models.layers import WEIGHT_TYPES, layer_weights
 from . import patching
 
@@ -116,45 +117,34 @@ class PersonalizeIPAdapterEncode:
         return (_encode(ipadapter, clip_vision, image, image_negative),)
 
 
-class PersonalizeIPAdapterApply:
-    DESCRIPTION = ("Adds the image prompt to every cross-attention layer of an SD1.5 / SDXL model (decoupled "
-                   "cross-attention). Give either image + clip_vision or embeds. Coexists with other packs' "
-                   "attention patches on the same layers.")
+# Inputs every Apply node shares (declared once).
+def _apply_controls() -> dict:
+    return {
+        "weight": _weight("Strength of the image prompt; 0 leaves the model untouched."),
+        "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": "How the weight is spread over the "
+                        "layers. 'style transfer' / 'composition' use only the style or layout layers "
+                        "(InstantStyle); 'style and composition' takes a second image for layout."}),
+        "start_at": _fraction(0.0, "Fraction of the sampling steps where the image prompt starts."),
+        "end_at": _fraction(1.0, "Fraction of the sampling steps where it stops."),
+        "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference images: "
+                           "'concat' keeps all images' tokens; 'average' / 'norm average' blend them first."}),
+        "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": "Where the weight is applied: "
+                           "to the image attention output (V only), to K and V, or K and V with a penalty "
+                           "for narrow layers."}),
+    }
+
+
+IN_MASK = ("MASK", {"tooltip": "Where the image prompt acts (white) and where not (black). Any size: it is "
+                               "stretched to the latent. One mask, or one per latent in the batch."})
+
+
+class _ApplyBase:
+    """The part of every Apply node after the references are turned into tokens."""
+
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "apply"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model."}),
-                "ipadapter": IN_IPADAPTER,
-                "weight": _weight("Strength of the image prompt; 0 leaves the model untouched."),
-                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": "How the weight is spread over the "
-                                "layers. 'style transfer' / 'composition' use only the style or layout layers "
-                                "(InstantStyle); 'style and composition' takes a second image for layout."}),
-                "start_at": _fraction(0.0, "Fraction of the sampling steps where the image prompt starts."),
-                "end_at": _fraction(1.0, "Fraction of the sampling steps where it stops."),
-                "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference images: "
-                                   "'concat' keeps all images' tokens; 'average' / 'norm average' blend them first."}),
-                "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": "Where the weight is applied: "
-                                   "to the image attention output (V only), to K and V, or K and V with a penalty "
-                                   "for narrow layers."}),
-            },
-            "optional": {
-                "image": IN_IMAGE,
-                "clip_vision": IN_CLIP_VISION,
-                "embeds": IN_EMBEDS,
-                "image_negative": IN_NEGATIVE,
-                "attn_mask": ("MASK", {"tooltip": "Where the image prompt acts (white) and where not (black). Any size: "
-                                       "it is stretched to the latent. One mask, or one per latent in the batch."}),
-                "composition_image": ("IMAGE", {"tooltip": "Layout reference for weight type 'style and composition'."}),
-                "composition_embeds": (EMBEDS, {"tooltip": "Layout reference embeds for 'style and composition'."}),
-                "composition_weight": _weight("Strength of the layout reference in 'style and composition'."),
-            },
-        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_at=0.0, end_at=1.0):  # linked inputs are not passed: defaults then
@@ -162,30 +152,20 @@ class PersonalizeIPAdapterApply:
             return f"start_at ({start_at}) is after end_at ({end_at})"
         return True
 
-    def apply(self, model, ipadapter, weight, weight_type, start_at, end_at, combine_embeds, embeds_scaling,
-              image=None, clip_vision=None, embeds=None, image_negative=None, attn_mask=None,
-              composition_image=None, composition_embeds=None, composition_weight=1.0):
+    @staticmethod
+    def _patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask, project,
+               composition_weight=1.0, project_alt=None):
+        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
         if start_at > end_at:
             raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
-        with_composition = weight_type == "style and composition"
-        if weight == 0 and (not with_composition or composition_weight == 0):
-            log.info("IP-Adapter weight is 0: model returned unchanged")
-            return (model,)
-        spec = ipadapter.spec
         transformers, sites, context_dim = patching.discover_sites(model)
         patching.check_compatible(ipadapter.model, transformers, sites, context_dim)
-        embeds = self._embeds(ipadapter, clip_vision, image, embeds, image_negative, "image / embeds")
-        alt_embeds = None
-        if with_composition:
-            alt_embeds = self._embeds(ipadapter, clip_vision, composition_image, composition_embeds, None,
-                                      "composition_image / composition_embeds")
         mask = _check_mask(attn_mask)
-
         patching.prepare_adapter(ipadapter.patcher, patching.compute_dtype(model))
         with torch.no_grad():
-            tokens = project_images(ipadapter.model, embeds.cond, embeds.uncond, combine_embeds)
-            alt = project_images(ipadapter.model, alt_embeds.cond, alt_embeds.uncond, combine_embeds) if alt_embeds else None
-        per_transformer = layer_weights(weight_type, transformers, spec.layout, weight, composition_weight)
+            tokens = project()
+            alt = project_alt() if project_alt is not None else None
+        per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
         site_weights = {s.adapter_index: per_transformer[s.transformer_index]
                         for s in sites if s.transformer_index in per_transformer}
         patch = IPAdapterPatch(ipadapter.model, *_stored(tokens), site_weights, embeds_scaling,
@@ -194,6 +174,48 @@ class PersonalizeIPAdapterApply:
         out = patching.apply_patch(model, patch, ipadapter.patcher, sites, transformers, sigma_start, sigma_end)
         log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
                  len(patch.site_weights), len(sites), weight_type, weight)
+        return out
+
+
+class PersonalizeIPAdapterApply(_ApplyBase):
+    DESCRIPTION = ("Adds the image prompt to every cross-attention layer of an SD1.5 / SDXL model (decoupled "
+                   "cross-attention). Give either image + clip_vision or embeds. Coexists with other packs' "
+                   "attention patches on the same layers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model": ("MODEL", {"tooltip": "SD1.5 or SDXL model."}), "ipadapter": IN_IPADAPTER, **_apply_controls()},
+            "optional": {
+                "image": IN_IMAGE,
+                "clip_vision": IN_CLIP_VISION,
+                "embeds": IN_EMBEDS,
+                "image_negative": IN_NEGATIVE,
+                "attn_mask": IN_MASK,
+                "composition_image": ("IMAGE", {"tooltip": "Layout reference for weight type 'style and composition'."}),
+                "composition_embeds": (EMBEDS, {"tooltip": "Layout reference embeds for 'style and composition'."}),
+                "composition_weight": _weight("Strength of the layout reference in 'style and composition'."),
+            },
+        }
+
+    def apply(self, model, ipadapter, weight, weight_type, start_at, end_at, combine_embeds, embeds_scaling,
+              image=None, clip_vision=None, embeds=None, image_negative=None, attn_mask=None,
+              composition_image=None, composition_embeds=None, composition_weight=1.0):
+        with_composition = weight_type == "style and composition"
+        if weight == 0 and (not with_composition or composition_weight == 0):
+            log.info("IP-Adapter weight is 0: model returned unchanged")
+            return (model,)
+        if ipadapter.spec.is_faceid:
+            raise ValueError(f"{ipadapter.name} is an {ipadapter.spec.name} model: use 'Apply IP-Adapter FaceID (Personalize)'")
+        embeds = self._embeds(ipadapter, clip_vision, image, embeds, image_negative, "image / embeds")
+        alt = None
+        if with_composition:
+            alt_embeds = self._embeds(ipadapter, clip_vision, composition_image, composition_embeds, None,
+                                      "composition_image / composition_embeds")
+            alt = lambda: project_images(ipadapter.model, alt_embeds.cond, alt_embeds.uncond, combine_embeds)  # noqa: E731
+        out = self._patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask,
+                          lambda: project_images(ipadapter.model, embeds.cond, embeds.uncond, combine_embeds),
+                          composition_weight, alt)
         return (out,)
 
     @staticmethod
@@ -208,6 +230,87 @@ class PersonalizeIPAdapterApply:
         if clip_vision is None:
             raise ValueError("IP-Adapter: an image input needs clip_vision too (or connect embeds instead)")
         return _encode(ipadapter, clip_vision, image, image_negative)
+
+
+# FaceID Plus v1 and v2 files have identical keys; v2 adds the ID tokens back (shortcut). The public v2 files are
+# named ...faceid-plusv2...; the explicit option wins over the name.
+PLUS_VERSIONS = ("auto (from file name)", "v1", "v2")
+PLUS_V2_NAME_HINT = "plusv2"
+FACEID_LORA_NONE = "none"
+
+
+class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
+    DESCRIPTION = ("IP-Adapter FaceID family (FaceID, FaceID Plus v1/v2, Portrait, Portrait unnorm; SD1.5 and SDXL): "
+                   "identity from the ArcFace embedding of 'Face Embed (Personalize)', plus the CLIP encoding of the "
+                   "aligned face for FaceID Plus. Loads the companion LoRA from models/loras.")
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "info")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model."}),
+                "ipadapter": IN_IPADAPTER,
+                "face_embeds": ("PERSONALIZE_FACE_EMBEDS", {"tooltip": "Faces from 'Face Embed (Personalize)': one per reference image."}),
+                **_apply_controls(),
+            },
+            "optional": {
+                "clip_vision": (IN_CLIP_VISION[0], {"tooltip": "FaceID Plus: the CLIP vision model for the face crops (ViT-H/14)."}),
+                "lora_name": ([FACEID_LORA_NONE] + folder_paths.get_filename_list("loras"), {
+                    "default": FACEID_LORA_NONE, "tooltip": "The LoRA trained with the adapter, e.g. "
+                    "ip-adapter-faceid-plusv2_sd15_lora.safetensors (FaceID and FaceID Plus; Portrait has none)."}),
+                "lora_strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
+                                            "tooltip": "LoRA strength (1.0 = as trained; lower leaves more freedom to the prompt)."}),
+                "plus_version": (list(PLUS_VERSIONS), {"default": PLUS_VERSIONS[0], "tooltip": "FaceID Plus v1 and v2 "
+                                 "files have identical keys: choose, or let the file name decide ('plusv2' = v2)."}),
+                "shortcut_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
+                                              "tooltip": "FaceID Plus v2: weight of the ID tokens added back (official s_scale 1.0)."}),
+                "attn_mask": IN_MASK,
+            },
+        }
+
+    def apply(self, model, ipadapter, face_embeds, weight, weight_type, start_at, end_at, combine_embeds, embeds_scaling,
+              clip_vision=None, lora_name=FACEID_LORA_NONE, lora_strength=1.0, plus_version=PLUS_VERSIONS[0],
+              shortcut_weight=1.0, attn_mask=None):
+        spec = ipadapter.spec
+        if not spec.is_faceid:
+            raise ValueError(f"{ipadapter.name} is an {spec.name} model, not FaceID: use 'Apply IP-Adapter (Personalize)'")
+        if weight == 0:
+            log.info("IP-Adapter FaceID weight is 0: model returned unchanged")
+            return (model, "weight 0: model unchanged")
+        embedding = FACE_EMBEDDING[spec.family]
+        ids = (face_embeds.normed if embedding == "normed" else face_embeds.embedding).float()
+        if ids.ndim != 2 or ids.shape[0] == 0:
+            raise ValueError("IP-Adapter FaceID: no face embeddings (the face batch is empty)")
+        info = [spec.describe()]
+        clip, shortcut = None, None
+        if spec.family == "faceid-plus":
+            if clip_vision is None:
+                raise ValueError(f"{spec.name} needs clip_vision ({spec.expected_clip_vision}) to encode the face crops")
+            width = patching.clip_vision_width(clip_vision, "penultimate")
+            if width != spec.clip_dim:
+                raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives hidden states of width {width}, "
+                                 f"{spec.name} needs {spec.clip_dim}: load {spec.expected_clip_vision}")
+            clip = (patching.encode_clip_vision(clip_vision, face_embeds.crops, "penultimate"),
+                    patching.blank_clip_features(clip_vision, "penultimate"))
+            version = plus_version if plus_version != PLUS_VERSIONS[0] else (
+                "v2" if PLUS_V2_NAME_HINT in ipadapter.name.lower().replace("-", "").replace("_", "") else "v1")
+            shortcut = shortcut_weight if version == "v2" else None
+            info.append(f"FaceID Plus {version}" + (f" (shortcut weight {shortcut_weight:g})" if shortcut is not None else "")
+                        + (" from the file name" if plus_version == PLUS_VERSIONS[0] else ""))
+        uncond = torch.zeros_like(ids[:1])  # official uncond: the projection of a zero embedding
+        if lora_name != FACEID_LORA_NONE:
+            model = patching.apply_lora(model, lora_name, lora_strength)
+            info.append(f"LoRA {lora_name} at {lora_strength:g}")
+        elif spec.has_lora or (spec.family in ("faceid", "faceid-plus") and spec.tokens != PORTRAIT_TOKENS):
+            log.warning("%s was trained with a LoRA; load its *_lora.safetensors in lora_name for full likeness", ipadapter.name)
+            info.append("no LoRA (this model was trained with one)")
+        out = self._patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask,
+                          lambda: project_images(ipadapter.model, ids, uncond, combine_embeds, clip, shortcut))
+        text = "; ".join(info)
+        log.info("IP-Adapter FaceID: %s", text)
+        return (out, text)
 
 
 def _stored(tokens):
@@ -275,6 +378,7 @@ NODES = {
     "PersonalizeIPAdapterLoader": ("Load IP-Adapter (Personalize)", PersonalizeIPAdapterLoader),
     "PersonalizeIPAdapterEncode": ("IP-Adapter Encode (Personalize)", PersonalizeIPAdapterEncode),
     "PersonalizeIPAdapterApply": ("Apply IP-Adapter (Personalize)", PersonalizeIPAdapterApply),
+    "PersonalizeIPAdapterFaceIDApply": ("Apply IP-Adapter FaceID (Personalize)", PersonalizeIPAdapterFaceIDApply),
     "PersonalizeIPAdapterSaveEmbeds": ("Save IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterSaveEmbeds),
     "PersonalizeIPAdapterLoadEmbeds": ("Load IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterLoadEmbeds),
 }

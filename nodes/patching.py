@@ -259,6 +259,17 @@ def prepare_adapter(adapter_patcher_, dtype: torch.dtype) -> None:
     mm.load_models_gpu([adapter_patcher_])
 
 
+def apply_lora(model, lora_name: str, strength: float):
+    """A LoRA from models/loras on the model (UNet only), as ComfyUI's LoraLoaderModelOnly does."""
+    import comfy.sd
+    import comfy.utils
+
+    path = full_path("loras", lora_name, "LoRA")
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP vision
 
@@ -285,3 +296,126 @@ def blank_clip_features(clip_vision, feature: str) -> torch.Tensor:
     out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
     feats = out[2] if feature == "image_embeds" else out[1]
     return feats.to(mm.intermediate_device()).float()
+
+
+# ===============================================================================================================
+# Training glue (issue 4): the training core (training/, plain torch) on a ComfyUI ModelPatcher. Everything here
+# runs inside ``torch.inference_mode(False)``; tensors ComfyUI made under inference mode are cloned before autograd
+# sees them, and the trainable deltas reach the UNet through ``ModelPatcher.add_weight_wrapper``.
+
+import contextlib as _contextlib
+
+from ..training.lora import LoRASet as _LoRASet, select_targets as _select_targets
+from ..training.schedule import NoiseSchedule as _NoiseSchedule
+
+TRAIN_FOLDER = "personalize_train"  # resumable states and cached class latents, under ComfyUI's output folder
+
+
+def check_trainable(model) -> None:
+    """Raise unless the model is a UNet conditioned by cross-attention alone (SD1.x / SD2.x)."""
+    dm = model.model.diffusion_model
+    if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"the LoRA trainer needs a UNet model (SD1.x / SD2.x); got {type(dm).__name__}")
+    if getattr(model.model, "adm_channels", 0):
+        raise ValueError("the LoRA trainer supports SD1.x / SD2.x models for now; this model also takes pooled / size "
+                         "conditioning (SDXL-type). Use the CLI on a diffusers SD1.x/SD2.x model, or an SD1.5 checkpoint")
+
+
+def training_lora(model, targets, rank: int, alpha, seed: int) -> _LoRASet:
+    """A LoRA set on the UNet modules matching ``targets``, named by their LDM paths (``input_blocks.1.1...``)."""
+    dm = model.model.diffusion_model
+    names = _select_targets([n for n, m in dm.named_modules() if hasattr(m, "weight_function")], targets)
+    shapes = {n: tuple(dm.get_submodule(n).weight.shape) for n in names}
+    return _LoRASet(shapes, rank=rank, alpha=alpha, seed=seed)
+
+
+def attach_training_lora(model, lora: _LoRASet):
+    """A clone of ``model`` computing every target weight as ``delta(weight)`` (differentiable, switchable)."""
+    patched = model.clone()
+    for name, delta in lora.items():
+        patched.add_weight_wrapper(f"diffusion_model.{name}.weight", delta)
+    return patched
+
+
+class ComfyDenoiser:
+    """``denoiser(x_t, t, context)`` over a ComfyUI model: DDPM ``x_t`` at integer ``t`` -> ``apply_model`` at
+    ``sigma_t`` on ``x_t / sqrt(abar_t)``; the output is ComfyUI's denoised x0 (whatever the model's own
+    parameterization), so the schedule says ``x0``. The schedule is the model's own ``model_sampling.sigmas``."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        ms = patcher.get_model_object("model_sampling")
+        sigmas = ms.sigmas.detach().float().cpu().clone()
+        self.schedule = _NoiseSchedule.from_sigmas(sigmas, "x0")
+        self._sigmas = sigmas
+        self.transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+
+    def __call__(self, x_t, t, context):
+        sigma = self._sigmas[t.detach().cpu().long()].to(x_t.device)
+        x = x_t * (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()  # x_sigma = x_t / sqrt(abar)
+        return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=self.transformer_options)
+
+    def load(self) -> None:
+        """Load the model (and install the weight wrappers) on the compute device, fully."""
+        mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+
+    @property
+    def device(self):
+        return self.patcher.load_device
+
+
+@_contextlib.contextmanager
+def gradient_checkpointing(patcher, enabled: bool = True):
+    """Recompute each UNet block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+    dm = patcher.model.diffusion_model
+    blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks) if enabled else []
+    for b in blocks:
+        forward = b.forward
+        b.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(forward)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
+def text_context(clip, prompt: str) -> torch.Tensor:
+    """CLIP conditioning ``(1, L, D)`` of ``prompt``, as a normal (non-inference) tensor."""
+    cond = clip.encode_from_tokens(clip.tokenize(prompt))
+    return cond.detach().clone().float()
+
+
+def vae_latents(model, vae, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents)."""
+    lat = vae.encode(images[..., :3])
+    return model.model.process_latent_in(lat.detach().clone().float())
+
+
+def vae_images(model, vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(model.model.process_latent_out(latents.detach().float())).float()
+
+
+def model_with_lora(model, lora_state: dict):
+    """``model`` with a LoRA state dict in ComfyUI's key format applied as the stock LoraLoader does."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, None, lora_state, 1.0, 0)[0]
+
+
+def train_folder() -> str:
+    path = os.path.join(folder_paths.get_output_directory(), TRAIN_FOLDER)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def first_folder(name: str) -> str:
+    """The first registered folder of ``name`` (models/loras, models/embeddings), created if missing."""
+    paths = folder_paths.get_folder_paths(name)
+    if not paths:
+        raise FileNotFoundError(f"ComfyUI has no '{name}' model folder registered; check extra_model_paths.yaml")
+    os.makedirs(paths[0], exist_ok=True)
+    return paths[0]
+
+
+def refresh_file_list(name: str) -> None:
+    folder_paths.filename_list_cache.pop(name, None)

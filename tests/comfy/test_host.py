@@ -59,6 +59,7 @@ def test_bootstrap_imports_comfyui_nodes_not_the_pack(comfy):
 
 def test_use_models_dir_prepends_and_keeps_entries(comfy):
     import folder_paths
+    comfy.host.use_models_dir(comfy.models_dir)  # other tests (the workflow runner) may have put a dir in front
     ckpt_paths = folder_paths.get_folder_paths("checkpoints")
     assert ckpt_paths[0] == os.path.join(comfy.models_dir, "checkpoints")
     assert len(ckpt_paths) >= 2  # ComfyUI's own models/checkpoints is still there

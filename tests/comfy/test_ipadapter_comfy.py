@@ -31,6 +31,11 @@ def pack(comfy):
         for fam in ("base", "plus", "full-face"):
             tiny_adapters.write_tiny_adapter(os.path.join(ipa_dir, f"tiny_{fam}_{layout}.safetensors"), fam, layout, "vit-h", seed=7)
         tiny_adapters.write_tiny_adapter(os.path.join(ipa_dir, f"tiny_base_{layout}_bigG.bin"), "base", layout, "vit-bigG", seed=8)
+        for fam in ("faceid", "faceid-portrait", "faceid-plus", "faceid-portrait-unnorm"):
+            tiny_adapters.write_tiny_adapter(os.path.join(ipa_dir, f"tiny_{fam}_{layout}.bin"), fam, layout, "vit-h", seed=9)
+    # same file under the public v2 naming: v1 and v2 differ only in how they are used
+    import shutil
+    shutil.copy(os.path.join(ipa_dir, "tiny_faceid-plus_sd15.bin"), os.path.join(ipa_dir, "tiny_faceid-plusv2_sd15.bin"))
     return ns
 
 
@@ -376,3 +381,98 @@ def test_style_and_composition_sdxl(pack, core):
     assert patch.site_weights[a2[("input", 8, 0)].callback[0].adapter_index] == (0.5, True)
     with pytest.raises(ValueError, match="composition"):
         apply(pack, model, "tiny_base_sdxl.safetensors", weight_type="style and composition", embeds=e1, auto_embeds=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FaceID family
+
+
+def faces(n=1, seed=0, crop=224):
+    """What 'Face Embed (Personalize)' hands over (the fields the FaceID node reads)."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(n, 512, generator=g) * 20
+    return types.SimpleNamespace(embedding=raw, normed=torch.nn.functional.normalize(raw, dim=-1),
+                                 crops=torch.rand(n, crop, crop, 3, generator=g))
+
+
+def faceid(pack, model, file, **kw):
+    ipa = pack.maps["PersonalizeIPAdapterLoader"]().load(file)[0]
+    args = dict(weight=0.8, weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only")
+    args.update(kw)
+    face_embeds = args.pop("face_embeds", faces())
+    return pack.maps["PersonalizeIPAdapterFaceIDApply"]().apply(model, ipa, face_embeds, **args), ipa
+
+
+def _sample(core, model, layout="sd15"):
+    ctx = torch.randn(1, 5, 48 if layout == "sd15" else 120, generator=torch.Generator().manual_seed(1))
+    pos = [[ctx, {"pooled_output": torch.zeros(1, 72)} if layout == "sdxl" else {}]]
+    lat = {"samples": torch.zeros(1, 4, 8, 8)}
+    return core["KSampler"]().sample(model, 0, 2, 5.0, "euler", "normal", pos, pos, lat)[0]["samples"]
+
+
+@pytest.mark.parametrize("file", ["tiny_faceid_sd15.bin", "tiny_faceid-portrait_sd15.bin", "tiny_faceid-portrait-unnorm_sdxl.bin"])
+def test_faceid_families_apply(pack, core, file):
+    layout = "sdxl" if "sdxl" in file else "sd15"
+    model = checkpoint(core, layout)[0]
+    (patched, info), ipa = faceid(pack, model, file, face_embeds=faces(2))
+    assert len(attn2(patched)) == (16 if layout == "sd15" else 70)
+    assert ipa.spec.name in info
+    assert (_sample(core, patched, layout) - _sample(core, model, layout)).abs().max() > 1e-3
+
+
+def test_faceid_unnorm_uses_the_raw_embedding(pack, core):
+    model = checkpoint(core, "sdxl")[0]
+    f = faces()
+    (a, _), _ = faceid(pack, model, "tiny_faceid-portrait-unnorm_sdxl.bin", face_embeds=f)
+    scaled = types.SimpleNamespace(embedding=f.embedding * 2, normed=f.normed, crops=f.crops)
+    (b, _), _ = faceid(pack, model, "tiny_faceid-portrait-unnorm_sdxl.bin", face_embeds=scaled)
+    tok = lambda m: next(iter(attn2(m).values())).callback[0].patch.tokens[False][0]  # noqa: E731
+    assert not torch.allclose(tok(a), tok(b))  # the raw (unnormalised) embedding reaches the projection
+    (c, _), _ = faceid(pack, checkpoint(core, "sd15")[0], "tiny_faceid_sd15.bin", face_embeds=f)
+    (d, _), _ = faceid(pack, checkpoint(core, "sd15")[0], "tiny_faceid_sd15.bin", face_embeds=scaled)
+    assert torch.allclose(tok(c), tok(d))  # FaceID takes the normalised one
+
+
+def test_faceid_plus_versions_and_clip(comfy, pack, core):
+    model = checkpoint(core, "sd15")[0]
+    cv = clip_vision(comfy, core)
+    (v2, info2), _ = faceid(pack, model, "tiny_faceid-plusv2_sd15.bin", clip_vision=cv)
+    assert "v2" in info2 and "file name" in info2
+    (v1, info1), _ = faceid(pack, model, "tiny_faceid-plus_sd15.bin", clip_vision=cv)
+    assert "FaceID Plus v1" in info1
+    (forced, info_f), _ = faceid(pack, model, "tiny_faceid-plusv2_sd15.bin", clip_vision=cv, plus_version="v1")
+    assert "FaceID Plus v1" in info_f and "file name" not in info_f
+    tok = lambda m: attn2(m)[("input", 1)].callback[0].patch.tokens[False][0]  # noqa: E731
+    assert torch.allclose(tok(v1), tok(forced)) and not torch.allclose(tok(v1), tok(v2))
+    with pytest.raises(ValueError, match="needs clip_vision"):
+        faceid(pack, model, "tiny_faceid-plus_sd15.bin")
+    with pytest.raises(ValueError, match="CLIP vision/adapter mismatch"):
+        faceid(pack, model, "tiny_faceid-plus_sd15.bin", clip_vision=clip_vision(comfy, core, "vit-bigG"))
+
+
+def test_faceid_companion_lora(comfy, pack, core):
+    from comfy.utils import save_torch_file
+    model = checkpoint(core, "sd15")[0]
+    g = torch.Generator().manual_seed(5)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q"
+    lora = {f"{key}.lora_down.weight": torch.randn(4, 32, generator=g), f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}
+    os.makedirs(os.path.join(comfy.models_dir, "loras"), exist_ok=True)
+    save_torch_file(lora, os.path.join(comfy.models_dir, "loras", "tiny_faceid_lora.safetensors"))
+    (with_lora, info), _ = faceid(pack, model, "tiny_faceid_sd15.bin", lora_name="tiny_faceid_lora.safetensors", lora_strength=0.5)
+    assert "LoRA tiny_faceid_lora.safetensors at 0.5" in info
+    assert any(key in k for k in with_lora.patches)
+    (without, info0), _ = faceid(pack, model, "tiny_faceid_sd15.bin")
+    assert "no LoRA" in info0 and not without.patches
+
+
+def test_faceid_wrong_node_and_empty(pack, core):
+    model = checkpoint(core, "sd15")[0]
+    with pytest.raises(ValueError, match="not FaceID"):
+        faceid(pack, model, "tiny_base_sd15.safetensors")
+    with pytest.raises(ValueError, match="Apply IP-Adapter FaceID"):
+        apply(pack, model, "tiny_faceid_sd15.bin", embeds=pack.ipa.IPAEmbeds(torch.randn(1, 24), torch.zeros(1, 24), "image_embeds"))
+    with pytest.raises(ValueError, match="empty"):
+        faceid(pack, model, "tiny_faceid_sd15.bin", face_embeds=types.SimpleNamespace(
+            embedding=torch.zeros(0, 512), normed=torch.zeros(0, 512), crops=torch.zeros(0, 8, 8, 3)))
+    (same, _), _ = faceid(pack, model, "tiny_faceid_sd15.bin", weight=0.0)
+    assert same is model

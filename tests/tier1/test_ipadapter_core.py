@@ -62,14 +62,46 @@ def test_detects_official_layouts(name):
         assert spec.proj_config["heads"] == (12 if layout == "sd15" else 20)
 
 
-def test_faceid_is_recognised_not_misloaded():
-    proj = {"proj.0.weight": meta(1024, 512), "proj.2.weight": meta(3072, 1024), "norm.weight": meta(768)}
-    layers = official_layers(SD15_WIDTHS, 768)
+def faceid_mlp(tokens, cross):
+    return {"proj.0.weight": meta(1024, 512), "proj.0.bias": meta(1024), "proj.2.weight": meta(tokens * cross, 1024),
+            "proj.2.bias": meta(tokens * cross), "norm.weight": meta(cross), "norm.bias": meta(cross)}
+
+
+def faceid_plus(cross):
+    sd = faceid_mlp(4, cross)
+    sd.update({"perceiver_resampler." + k: v for k, v in resampler(cross, 1280, cross).items() if k != "latents"})
+    return sd
+
+
+def with_lora(layers):
+    layers = dict(layers)
     layers["0.to_q_lora.down.weight"] = meta(128, 320)
-    with pytest.raises(CheckpointError, match="FaceID"):
-        detect_family(proj, layers)
-    with pytest.raises(CheckpointError, match="FaceID"):
-        detect_family({"latents": meta(1, 16, 1280), "proj_in.weight": meta(1280, 512)}, official_layers(SDXL_WIDTHS, 2048))
+    layers["1.to_k_lora.up.weight"] = meta(320, 128)
+    return layers
+
+
+# (image_proj, ip_adapter) of the public FaceID files (h94/IP-Adapter-FaceID) -> (family, tokens, clip_dim, heads)
+FACEID = {
+    "ip-adapter-faceid_sd15": (faceid_mlp(4, 768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid", 4, 0, None, True)),
+    "ip-adapter-faceid-portrait-v11_sd15": (faceid_mlp(16, 768), official_layers(SD15_WIDTHS, 768), ("faceid", 16, 0, None, False)),
+    "ip-adapter-faceid_sdxl": (faceid_mlp(4, 2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid", 4, 0, None, True)),
+    "ip-adapter-faceid-plusv2_sd15": (faceid_plus(768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid-plus", 4, 1280, 12, True)),
+    "ip-adapter-faceid-plusv2_sdxl": (faceid_plus(2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid-plus", 4, 1280, 32, True)),
+    "ip-adapter-faceid-portrait_sdxl_unnorm": (resampler(1280, 512, 2048, heads=20), official_layers(SDXL_WIDTHS, 2048),
+                                               ("faceid-portrait-unnorm", 16, 0, 20, False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACEID))
+def test_detects_faceid_layouts(name):
+    proj, layers, (family, tokens, clip_dim, heads, lora) = FACEID[name]
+    spec = detect_family(proj, layers)
+    assert (spec.family, spec.tokens, spec.clip_dim, spec.has_lora, spec.is_faceid) == (family, tokens, clip_dim, lora, True)
+    assert spec.id_dim == 512
+    if heads:
+        assert spec.proj_config["heads"] == heads
+    if "portrait-v11" in name:
+        assert "Portrait" in spec.describe()
 
 
 def test_wrong_layer_count_and_gaps():

@@ -103,3 +103,58 @@ def test_two_images_concat_and_batch(unet, family):
     out, out_ref, plain = run_both(unet, family, 0.7, n_images=2, batch=2, seed=5)
     assert (out - out_ref).abs().max().item() <= TOL
     assert (out_ref - plain).abs().max().item() > 1e-3
+
+
+FACEID_CASES = [("faceid", None, 1), ("faceid-portrait", None, 2), ("faceid-plus", None, 1), ("faceid-plus", 0.7, 2)]
+
+
+@pytest.mark.parametrize("family,shortcut,n_images", FACEID_CASES)
+def test_faceid_matches_diffusers(unet, family, shortcut, n_images):
+    """FaceID (MLP), Portrait (16 tokens, several faces concatenated), FaceID Plus v1 and v2 (shortcut) against
+    diffusers' IPAdapterFaceIDImageProjection / IPAdapterFaceIDPlusImageProjection on the same file."""
+    sd = tiny_adapters.adapter_state_dict(family, cross_widths(unet), CROSS_DIM, CLIP_HIDDEN_DIM, seed=11)
+    g = torch.Generator().manual_seed(12)
+    ids = torch.nn.functional.normalize(torch.randn(n_images, 512, generator=g), dim=-1)
+    uncond_ids = torch.zeros(1, 512)  # official uncond: the projection of a zero embedding
+    clip_c = torch.randn(n_images, CLIP_TOKENS, CLIP_HIDDEN_DIM, generator=g)
+    clip_u = torch.randn(1, CLIP_TOKENS, CLIP_HIDDEN_DIM, generator=g)  # the CLIP encoding of a blank image
+    batch, scale = 2, 0.8
+    x = torch.randn(2 * batch, 4, 8, 8, generator=g)
+    text = torch.randn(2 * batch, 7, CROSS_DIM, generator=g)
+    t = torch.tensor(321)
+    plus = family == "faceid-plus"
+
+    ref = copy.deepcopy(unet)
+    ref._load_ip_adapter_weights([copy.deepcopy(sd)])
+    for p in ref.attn_processors.values():
+        if hasattr(p, "scale"):
+            p.scale = [scale]
+    cfg = lambda u, c: torch.cat([u.expand(n_images, *u.shape[1:])[None].expand(batch, -1, *u.shape[1:]),  # noqa: E731
+                                  c[None].expand(batch, *c.shape)])
+    if plus:
+        proj = ref.encoder_hid_proj.image_projection_layers[0]
+        proj.clip_embeds = cfg(clip_u, clip_c)  # [batch, num_images, 257, D]
+        proj.shortcut, proj.shortcut_scale = shortcut is not None, shortcut or 1.0
+    with torch.no_grad():
+        out_ref = ref(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [cfg(uncond_ids, ids)]}).sample
+
+    ours = copy.deepcopy(unet)
+    adapter = IPAdapterModel.from_parts(sd["image_proj"], sd["ip_adapter"])
+    assert adapter.spec.family == ("faceid" if family == "faceid-portrait" else family)
+    with torch.no_grad():
+        tok_c, tok_u = project_images(adapter, ids, uncond_ids, "concat", clip=(clip_c, clip_u) if plus else None,
+                                      shortcut_scale=shortcut)
+        apply_ip_adapter(ours, IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)}), chunks=[1, 0])
+        out = ours(x, t, encoder_hidden_states=text).sample
+        plain = unet(x, t, encoder_hidden_states=text).sample
+    assert (out - out_ref).abs().max().item() <= TOL
+    assert (out_ref - plain).abs().max().item() > 1e-3
+
+
+def test_faceid_lora_keys_are_not_image_layers():
+    """FaceID .bin files keep their LoRA in ip_adapter: it is recognised and left out of the image K/V layers."""
+    widths = [32] * 16
+    sd = tiny_adapters.adapter_state_dict("faceid", widths, CROSS_DIM, CLIP_HIDDEN_DIM, seed=1, lora=True)
+    adapter = IPAdapterModel.from_parts(sd["image_proj"], sd["ip_adapter"])
+    assert adapter.spec.has_lora and len(adapter.ip_layers) == 16
+    assert not any("lora" in k for k in adapter.state_dict())
