@@ -20,6 +20,7 @@ SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 REF_A, REF_B = "personalize_reference.png", "personalize_reference_2.png"
+FACE = "personalize_face.png"
 # Official IP-Adapter defaults (tencent-ailab/IP-Adapter demo notebooks): quality prompt and negative prompt.
 POSITIVE = "best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -90,10 +91,52 @@ def two_references_masked_sd15() -> dict:
     return g
 
 
+def train_lora_sd15() -> dict:
+    """Train a SuDe + PALP LoRA from one reference image, then sample the subject in a target style (one graph)."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "5": {"class_type": "PersonalizeLoRATrainer", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["4", 0], "subject_token": "sks",
+            "class_word": "dog", "palp_prompts": "a sketch of a dog\na watercolor painting of a dog", "steps": 500,
+            "learning_rate": 1e-4, "rank": 16, "sude_weight": 0.4, "palp_weight": 1.0, "prior_weight": 0.0, "seed": 0,
+            "save_name": "personalize_sks_dog", "resume": False, "image_folder": "", "prior_count": 8,
+            "targets": "attention (q, k, v, out)", "palp_alpha": 15.0, "palp_beta": 7.5, "batch_size": 1,
+            "grad_accumulation": 1, "gradient_checkpointing": False, "mixed_precision": "no",
+            "validation_prompt": "a photo of {token} {class_word}", "validate_every": 100, "validation_steps": 10,
+            "checkpoint_every": 100}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
+    }
+    _sampling(g, ["5", 0], "1", "a sketch of sks dog, " + POSITIVE, 512, "personalize/train_lora_sd15")
+    return g
+
+
+def faceid_plus_v2_sd15() -> dict:
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter-faceid-plusv2_sd15.bin"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": FACE}},
+        "6": {"class_type": "PersonalizeFaceAnalysisLoader", "inputs": {"model_pack": "buffalo_l", "provider": "CPU"}},
+        "7": {"class_type": "PersonalizeFaceEmbed", "inputs": {"face_analysis": ["6", 0], "image": ["4", 0],
+                                                             "selection": "largest", "face_index": 0, "crop_size": 224}},
+        "5": {"class_type": "PersonalizeIPAdapterFaceIDApply", "inputs": {
+            "model": ["1", 0], "ipadapter": ["2", 0], "face_embeds": ["7", 0], "weight": 0.8, "weight_type": "linear",
+            "start_at": 0.0, "end_at": 1.0, "combine_embeds": "concat", "embeds_scaling": "V only", "clip_vision": ["3", 0],
+            "lora_name": "ip-adapter-faceid-plusv2_sd15_lora.safetensors", "lora_strength": 0.6,
+            "plus_version": "auto (from file name)", "shortcut_weight": 1.0}},
+    }
+    _sampling(g, ["5", 0], "1", "photo of a person in a garden, " + POSITIVE, 512, "personalize/faceid_plusv2_sd15")
+    return g
+
+
 WORKFLOWS = {
     "ipadapter_sd15_basic": basic_sd15,
     "ipadapter_sdxl_style_transfer": style_transfer_sdxl,
     "ipadapter_sd15_two_references_masked": two_references_masked_sd15,
+    "ipadapter_faceid_plusv2_sd15": faceid_plus_v2_sd15,
+    "train_lora_sd15_sude_palp": train_lora_sd15,
 }
 
 

@@ -43,7 +43,13 @@ MODEL_INPUTS = {
     ("*", "lora_name"): "loras",
     ("*", "vae_name"): "vae",
     ("*", "ipadapter_file"): "ipadapter",
+    ("PersonalizeFaceAnalysisLoader", "model_pack"): "insightface",  # a folder of .onnx files, not a file
 }
+#: Node types whose input images must show a face the tiny blob detector finds (see tiny_onnx_faces).
+_FACE_NODES = {"PersonalizeFaceEmbed"}
+#: The test face for tiny runs: a white square of side 3 * 32 with its corner on the 32-pixel grid of a 640 x 640
+#: picture is exactly one face for the stand-in detector (tiny_onnx_faces.blob_detector).
+TINY_FACE_PICTURE = (640, 640, [(256, 224, 96, 255)])
 #: VAELoader names that are not files (approximate decoders, pixel space).
 #: Latent size and steps of a tiny run unless --size / --steps say otherwise.
 TINY_DEFAULT_SIZE, TINY_DEFAULT_STEPS = 128, 4
@@ -85,7 +91,10 @@ def ipadapter_spec(name):
     """(family, layout, clip_kind) of an IP-Adapter file from its conventional name."""
     low = name.lower()
     layout = "sdxl" if "sdxl" in low else "sd15"
-    if "full-face" in low or "full_face" in low:
+    if "faceid" in low:
+        family = ("faceid-portrait-unnorm" if "unnorm" in low else "faceid-portrait" if "portrait" in low
+                  else "faceid-plus" if "plus" in low else "faceid")
+    elif "full-face" in low or "full_face" in low:
         family = "full-face"
     elif "plus" in low:
         family = "plus"
@@ -103,7 +112,7 @@ def ipadapter_spec(name):
 def _source_stamp():
     """Changes whenever the tiny-model generators change (cache invalidation)."""
     h = hashlib.sha256()
-    for fname in ("tiny_models.py", "tiny_adapters.py"):
+    for fname in ("tiny_models.py", "tiny_adapters.py", "tiny_onnx_faces.py"):
         path = os.path.join(DEVTOOLS, fname)
         if os.path.exists(path):
             with open(path, "rb") as f:
@@ -111,7 +120,7 @@ def _source_stamp():
     return h.hexdigest()[:16]
 
 
-_CACHE_SUBDIRS = ("checkpoints", "clip_vision", "ipadapter", "loras", "vae")
+_CACHE_SUBDIRS = ("checkpoints", "clip_vision", "ipadapter", "loras", "vae", "insightface")
 
 
 def prepare_cache(cache_dir):
@@ -132,6 +141,14 @@ def _ensure(path, writer):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         writer(path)
     return os.path.basename(path)
+
+
+def _model_present(folder, value):
+    import folder_paths
+    if folder == "insightface":  # a model pack is a folder: <root>/models/<name>/*.onnx
+        return any(os.path.isdir(os.path.join(root, "models", value)) or os.path.isdir(os.path.join(root, value))
+                   for root in folder_paths.get_folder_paths(folder))
+    return folder_paths.get_full_path(folder, value) is not None
 
 
 def tiny_substitute(folder, value, cache_dir, seed=0):
@@ -157,6 +174,12 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
             # a LoRA with no matching keys: loads, patches nothing
             comfy.utils.save_torch_file({"personalize_tiny_placeholder": torch.zeros(1)}, p)
         return _ensure(os.path.join(out_dir, "tiny_lora_empty.safetensors"), write_empty_lora)
+    if folder == "insightface":
+        import tiny_onnx_faces
+        root = os.path.join(cache_dir, "insightface")
+        if not os.path.isdir(os.path.join(root, "models", value)):
+            tiny_onnx_faces.write_tiny_pack(root, value, seed=seed)
+        return value
     if folder == "ipadapter":
         family, layout, clip_kind = ipadapter_spec(value)
         try:
@@ -166,16 +189,30 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         except ImportError as e:  # devtools/tiny_adapters.py not there yet
             raise SystemExit("cannot generate a tiny IP-Adapter for {!r}: devtools/tiny_adapters.py is missing "
                              "({})".format(value, e))
-        path = os.path.join(out_dir, "tiny_ipadapter_{}_{}_{}.safetensors".format(family, layout, clip_kind))
+        # named after the original, so that behaviour keyed to the public file names (FaceID Plus v2) is kept
+        stem = os.path.splitext(os.path.basename(value))[0]
+        path = os.path.join(out_dir, "tiny_{}_{}.safetensors".format(stem, clip_kind))
         return _ensure(path, lambda p: tiny_adapters.write_tiny_adapter(p, family, layout, clip_kind, seed))
     raise SystemExit("no tiny substitute for model folder {!r} (file {!r}); add one to run_workflow.py".format(
         folder, value))
 
 
-def write_test_image(path, key):
-    """A deterministic 256x256 RGB test picture (gradients + a disc), different per ``key``."""
+def _sources(api, node_id):
+    """Ids of the nodes that feed ``node_id`` directly."""
+    return {v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)}
+
+
+def write_test_image(path, key, face=False):
+    """A deterministic 256x256 RGB test picture (gradients + a disc), different per ``key``; with ``face``, the
+    picture the tiny face detector sees exactly one face in."""
     import numpy as np
     from PIL import Image
+    if face:
+        import tiny_onnx_faces
+        h, w, squares = TINY_FACE_PICTURE
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(tiny_onnx_faces.squares_image(h, w, squares)).save(path)
+        return
     seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:256, 0:256] / 255.0
@@ -236,7 +273,7 @@ def main(argv=None):
     api = comfy_host.ui_to_api(workflow)
 
     refs = model_refs(api)
-    missing = [r for r in refs if folder_paths.get_full_path(r[2], r[3]) is None]
+    missing = [r for r in refs if not _model_present(r[2], r[3])]
     if missing or args.tiny:
         if missing:
             log.info("missing model files: %s", ", ".join("{}/{}".format(r[2], r[3]) for r in missing))
@@ -248,7 +285,7 @@ def main(argv=None):
             args.steps = TINY_DEFAULT_STEPS
         log.info("tiny run at %d px, %d steps (override with --size / --steps)", args.size, args.steps)
         prepare_cache(args.cache_dir)
-        comfy_host.use_models_dir(args.cache_dir)
+        comfy_host.use_models_dir(args.cache_dir, folder_names=("insightface",))
         for node_id, name, folder, value in refs:
             sub = tiny_substitute(folder, value, args.cache_dir, args.seed)
             api[node_id]["inputs"][name] = sub
@@ -262,7 +299,8 @@ def main(argv=None):
             if not folder_paths.exists_annotated_filepath(inputs["image"]):
                 stem = os.path.splitext(os.path.basename(inputs["image"].split(" [")[0]))[0]
                 name = "personalize_test_{}.png".format(re.sub(r"[^A-Za-z0-9_.-]", "_", stem))
-                write_test_image(os.path.join(folder_paths.get_temp_directory(), name), inputs["image"])
+                face = any(api[n]["class_type"] in _FACE_NODES and node_id in _sources(api, n) for n in api)
+                write_test_image(os.path.join(folder_paths.get_temp_directory(), name), inputs["image"], face=face)
                 log.info("node %s image: %s not found -> generated %s", node_id, inputs["image"], name)
                 inputs["image"] = name + " [temp]"
         if args.steps is not None and isinstance(inputs.get("steps"), int):
