@@ -1,8 +1,8 @@
 """ComfyUI node classes of the pack. Importing this registers the pack's model folders."""
-from . import face, ipadapter, patching
+from . import face, ipadapter, patching, train
 
 patching.register_model_folders()
 
-_ALL = {**ipadapter.NODES, **face.NODES}
+_ALL = {**ipadapter.NODES, **face.NODES, **train.NODES}
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (_, cls) in _ALL.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (name, _) in _ALL.items()}

@@ -329,11 +329,29 @@ def training_lora(model, targets, rank: int, alpha, seed: int) -> _LoRASet:
     return _LoRASet(shapes, rank=rank, alpha=alpha, seed=seed)
 
 
+def _fresh_copy(tensor):
+    return tensor  # ComfyUI casts a wrapped weight into a new tensor before calling this (cast_to(copy=True))
+
+
 def attach_training_lora(model, lora: _LoRASet):
-    """A clone of ``model`` computing every target weight as ``delta(weight)`` (differentiable, switchable)."""
+    """A clone of ``model`` computing every target weight as ``delta(weight)`` (differentiable, switchable).
+
+    When the UNet's weights were made under inference mode (a checkpoint loaded by a node), autograd may not save
+    them for the backward pass; every other weight and bias then gets an identity wrapper too, so that ComfyUI hands
+    the layers per-forward copies that are normal tensors (what ComfyUI's own TrainLoraNode does by wrapping all)."""
     patched = model.clone()
+    targets = set(lora.names)
     for name, delta in lora.items():
         patched.add_weight_wrapper(f"diffusion_model.{name}.weight", delta)
+    dm = model.model.diffusion_model
+    if any(p.is_inference() for p in dm.parameters()):
+        for name, m in dm.named_modules():
+            if not hasattr(m, "weight_function"):
+                continue
+            if getattr(m, "weight", None) is not None and name not in targets:
+                patched.add_weight_wrapper(f"diffusion_model.{name}.weight", _fresh_copy)
+            if getattr(m, "bias", None) is not None:
+                patched.add_weight_wrapper(f"diffusion_model.{name}.bias", _fresh_copy)
     return patched
 
 
@@ -381,18 +399,21 @@ def gradient_checkpointing(patcher, enabled: bool = True):
 
 def text_context(clip, prompt: str) -> torch.Tensor:
     """CLIP conditioning ``(1, L, D)`` of ``prompt``, as a normal (non-inference) tensor."""
-    cond = clip.encode_from_tokens(clip.tokenize(prompt))
+    with torch.no_grad():
+        cond = clip.encode_from_tokens(clip.tokenize(prompt))
     return cond.detach().clone().float()
 
 
 def vae_latents(model, vae, images: torch.Tensor) -> torch.Tensor:
     """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents)."""
-    lat = vae.encode(images[..., :3])
+    with torch.no_grad():
+        lat = vae.encode(images[..., :3].clone())
     return model.model.process_latent_in(lat.detach().clone().float())
 
 
 def vae_images(model, vae, latents: torch.Tensor) -> torch.Tensor:
-    return vae.decode(model.model.process_latent_out(latents.detach().float())).float()
+    with torch.no_grad():
+        return vae.decode(model.model.process_latent_out(latents.detach().float())).float().clone()
 
 
 def model_with_lora(model, lora_state: dict):

@@ -1,4 +1,12 @@
-"""Host-agnostic training core (LoRA, token, SuDe / PALP losses). Plain torch, no ComfyUI imports.
+"""Host-agnostic training core (plain torch, no ComfyUI imports): LoRA with an on/off switch, an optional token [V],
+reconstruction / DreamBooth prior / SuDe / PALP losses, a deterministic resumable loop, and the file formats.
 
-Filled in by the trainer work; kept as a package so the layout is stable for later methods.
+- ``schedule``: :class:`~.schedule.NoiseSchedule` (alphas_cumprod + eps/x0/v parameterization), q_sample, posterior.
+- ``losses``: ``reconstruction_loss``, ``prior_preservation_loss``, ``sude_loss``, ``palp_residual``, ``palp_loss``.
+- ``lora``: :class:`~.lora.LoRASet` of :class:`~.lora.LoRADelta` weight functions, ``disabled()`` for the frozen base.
+- ``trainer``: :class:`~.trainer.TrainConfig`, :class:`~.trainer.Trainer` over any ``denoiser(x_t, t, context)``.
+- ``export``: LoRA in ComfyUI's LoraLoader key format, token embeddings, resumable states.
+- ``diffusers_host``: the same on a diffusers UNet + CLIP text encoder; ``cli``: the command line
+  (``python training/cli.py --config run.json``, multi-GPU through ``accelerate launch``).
+- ``sampling``: DDIM with classifier-free guidance (class images, validation samples).
 """

@@ -1,0 +1,273 @@
+"""LoRA trainer node (DreamBooth-LoRA with SuDe and PALP terms). Thin: the loop and the losses are in training/,
+the ComfyUI plumbing in nodes/patching.py (section "Training glue")."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..training import export
+from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
+from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
+from ..training.sampling import PRIOR_GUIDANCE, ddim_sample
+from ..training.trainer import CLASS_PROMPT, INSTANCE_PROMPT, TrainConfig, Trainer, losses_table
+from . import patching
+
+log = logging.getLogger("personalize")
+
+CATEGORY = "personalize/training"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TARGET_CHOICES = {"attention (q, k, v, out)": ATTENTION_TARGETS,
+                  "attention + feed-forward": ATTENTION_TARGETS + EXTRA_TARGETS[:2],
+                  "cross-attention only": tuple(t for t in ATTENTION_TARGETS if t.startswith("attn2"))}
+VALIDATION_STEPS = 20  # DDIM steps of a validation sample
+VALIDATION_GUIDANCE = 7.5
+
+
+def _weight(default: float, tip: str, high: float = 10.0):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": high, "step": 0.05, "tooltip": tip})
+
+
+class PersonalizeLoRATrainer:
+    DESCRIPTION = ("Trains a LoRA on the attention layers of an SD1.x/SD2.x model from 1-4 subject images "
+                   "(DreamBooth-LoRA), with the SuDe term (the subject inherits its class's attributes) and the PALP term "
+                   "(stays aligned with target prompts). Saves the LoRA to models/loras (loads with the stock LoRA "
+                   "loaders) and a resumable state to output/personalize_train; Cancel leaves both usable.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("model", "lora_name", "loss_curve", "validation")
+    OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied (as LoraLoaderModelOnly would).",
+                       "The LoRA file name in models/loras.",
+                       "Loss per term over the steps.",
+                       "Validation samples (validation prompt, fixed seed) every 'validate_every' steps and at the end.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "SD1.x / SD2.x model to personalize."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder (frozen)."}),
+                "vae": ("VAE", {"tooltip": "Its VAE, to encode the subject images."}),
+                "subject_token": ("STRING", {"default": "sks", "tooltip": "Rare word that names the subject in prompts."}),
+                "class_word": ("STRING", {"default": "dog", "tooltip": "The subject's class, e.g. dog, person, cat."}),
+                "palp_prompts": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "PALP target prompts, one per line, WITHOUT the subject token "
+                                                       "(e.g. 'a sketch of a dog'). Empty: PALP off."}),
+                "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+                                            "tooltip": "AdamW learning rate of the LoRA."}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
+                "sude_weight": _weight(SUDE_WEIGHT, "SuDe w_s (0 = off). 0.4 for DreamBooth (paper/reference)."),
+                "palp_weight": _weight(1.0, "Weight of the PALP term (used when target prompts are given)."),
+                "prior_weight": _weight(0.0, "DreamBooth prior preservation weight (0 = off); class images are "
+                                             "'prior_images' or generated once by the base model and cached."),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of everything random."}),
+                "save_name": ("STRING", {"default": "personalize_lora", "tooltip": "File name (no extension) in "
+                                                                                  "models/loras."}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the run saved under save_name "
+                                                                   "(output/personalize_train/<save_name>.state.safetensors)."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Subject images (1-4 are typical)."}),
+                "image_folder": ("STRING", {"default": "", "tooltip": "Or a folder of subject images (same size)."}),
+                "prior_images": ("IMAGE", {"tooltip": "Class images for prior preservation."}),
+                "prior_count": ("INT", {"default": 8, "min": 1, "max": 200, "tooltip": "Class images to generate "
+                                                                                      "when none are given."}),
+                "targets": (list(TARGET_CHOICES), {"default": "attention (q, k, v, out)",
+                                                   "tooltip": "Which layers get a LoRA."}),
+                "palp_alpha": _weight(PALP_ALPHA, "PALP guidance of the frozen model on the target prompt "
+                                                  "(paper: 15; 7.5 for compositions).", 50.0),
+                "palp_beta": _weight(PALP_BETA, "PALP guidance of the personalized model (paper: 7.5; 1 for "
+                                                "compositions).", 50.0),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Subject images per micro-batch."}),
+                "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 256,
+                                              "tooltip": "Micro-batches per optimizer step (effective batch = "
+                                                         "batch_size x grad_accumulation)."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
+                "mixed_precision": (["no", "bf16", "fp16"], {"default": "no", "tooltip": "Autocast dtype of the forward passes."}),
+                "validation_prompt": ("STRING", {"default": INSTANCE_PROMPT, "tooltip": "{token} and {class_word} are filled in."}),
+                "validate_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "0: only at the end."}),
+                "validation_steps": ("INT", {"default": VALIDATION_STEPS, "min": 0, "max": 200,
+                                             "tooltip": "DDIM steps of a validation sample; 0: no validation."}),
+                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save the LoRA and "
+                                                                                                "state every N steps."}),
+            },
+        }
+
+    def train(self, model, clip, vae, subject_token, class_word, palp_prompts, steps, learning_rate, rank, sude_weight,
+              palp_weight, prior_weight, seed, save_name, resume, images=None, image_folder="", prior_images=None,
+              prior_count=8, targets="attention (q, k, v, out)", palp_alpha=PALP_ALPHA, palp_beta=PALP_BETA,
+              batch_size=1, grad_accumulation=1, gradient_checkpointing=False, mixed_precision="no",
+              validation_prompt=INSTANCE_PROMPT, validate_every=0, validation_steps=VALIDATION_STEPS, checkpoint_every=100):
+        patching.check_trainable(model)
+        name = _safe_name(save_name)
+        prompts = tuple(p.strip() for p in palp_prompts.splitlines() if p.strip())
+        if any(subject_token in p.split() for p in prompts):
+            raise ValueError(f"PALP target prompts must be clean (no '{subject_token}'): they describe what the frozen "
+                             "model should draw, e.g. 'a sketch of a dog'")
+        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, token=subject_token,
+                             class_word=class_word, targets=TARGET_CHOICES[targets], sude_weight=sude_weight,
+                             palp_weight=palp_weight if prompts else 0.0, palp_prompts=prompts, prior_weight=prior_weight,
+                             palp_alpha=palp_alpha, palp_beta=palp_beta, batch_size=batch_size,
+                             grad_accumulation=grad_accumulation, mixed_precision=mixed_precision,
+                             gradient_checkpointing=gradient_checkpointing)
+        pixels = _subject_images(images, image_folder)
+        lora_path = os.path.join(patching.first_folder("loras"), name + ".safetensors")
+        state_path = os.path.join(patching.train_folder(), name + ".state.safetensors")
+
+        with torch.inference_mode(False), torch.enable_grad():
+            lora = patching.training_lora(model, config.targets, config.rank, config.alpha, config.seed)
+            denoiser = patching.ComfyDenoiser(patching.attach_training_lora(model, lora))
+            denoiser.load()
+            device = denoiser.device
+            lora.to(device)
+            contexts = {}
+
+            def encode(prompts_, token):
+                out = []
+                for p in prompts_:
+                    if p not in contexts:
+                        contexts[p] = patching.text_context(clip, p)
+                    out.append(contexts[p])
+                return torch.cat(out).to(device)
+
+            latents = patching.vae_latents(model, vae, pixels).to(device)
+            denoiser.load()  # the VAE may have pushed the UNet out
+            prior = None
+            if config.prior_weight:
+                prior = self._prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents)
+            trainer = Trainer(denoiser, lora, encode, latents, config, prior_latents=prior, device=device)
+            if resume:
+                if not os.path.isfile(state_path):
+                    raise FileNotFoundError(f"resume is on but there is no saved state {state_path}; train once with "
+                                            f"save_name '{name}' first, or turn resume off")
+                trainer.load(state_path)
+            g = torch.Generator().manual_seed(seed)
+            val_noise = torch.randn(1, *latents.shape[1:], generator=g).to(device)
+            val_ctx = encode([config.fill(validation_prompt)], None), encode([""], None)
+            samples = []
+
+            def validate():
+                if not validation_steps:
+                    return
+                with torch.no_grad():
+                    x0 = ddim_sample(denoiser, denoiser.schedule, val_noise, *val_ctx, validation_steps, VALIDATION_GUIDANCE)
+                samples.append(x0)
+
+            def save():
+                meta = {"steps": str(trainer.step), "token": subject_token, "class_word": class_word}
+                export.save_lora(lora, lora_path, metadata=meta)
+                trainer.save(state_path)
+                patching.refresh_file_list("loras")
+
+            pbar = comfy.utils.ProgressBar(steps)
+            pbar.update_absolute(trainer.step, steps)
+
+            def on_step(step, losses):
+                pbar.update_absolute(step, steps)
+                if checkpoint_every and step % checkpoint_every == 0:
+                    save()
+                if validate_every and step % validate_every == 0 and step < steps:
+                    validate()
+                mm.throw_exception_if_processing_interrupted()
+
+            with patching.gradient_checkpointing(denoiser.patcher, gradient_checkpointing):
+                try:
+                    trainer.train(callback=on_step)
+                finally:  # also on Cancel: the LoRA so far and a state to resume from
+                    save()
+            validate()
+            lora.requires_grad_(False)
+            lora_state = export.lora_to_comfy(lora)
+            curve = loss_curve_image(losses_table(trainer.history))
+            decoded = (patching.vae_images(model, vae, torch.cat(samples)) if samples
+                       else torch.zeros(1, *pixels.shape[1:3], 3))
+        log.info("trained %s: %d steps, last losses %s", lora_path, trainer.step, trainer.history[-1] if trainer.history else {})
+        return (patching.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded)
+
+    @staticmethod
+    def _prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents):
+        if prior_images is not None:
+            return patching.vae_latents(model, vae, prior_images).to(latents.device)
+        prompt = config.fill(CLASS_PROMPT if config.class_prompt is None else config.class_prompt)
+        cache = os.path.join(patching.train_folder(), f"prior_{_safe_name(prompt)}_{prior_count}_"
+                                                      f"{latents.shape[-2]}x{latents.shape[-1]}_{config.seed}.safetensors")
+        if os.path.isfile(cache):
+            return export.load_file(cache)["latents"].to(latents.device)
+        g = torch.Generator().manual_seed(config.seed)
+        noise = torch.randn(prior_count, *latents.shape[1:], generator=g).to(latents.device)
+        with torch.no_grad(), lora.disabled():
+            out = torch.cat([ddim_sample(denoiser, denoiser.schedule, noise[i:i + 4], encode([prompt], None),
+                                         encode([""], None), guidance=PRIOR_GUIDANCE)
+                             for i in range(0, prior_count, 4)])
+        export.atomic_save_safetensors({"latents": out}, cache)
+        return out
+
+
+def _safe_name(name: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
+    if not out.strip("._"):
+        raise ValueError(f"save name {name!r} is empty after removing characters not allowed in file names")
+    return out
+
+
+def _subject_images(images, folder: str) -> torch.Tensor:
+    if images is not None:
+        return images
+    if folder:
+        from PIL import Image
+
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"image_folder {folder!r} is not a folder")
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        arrays = []
+        for f in files:
+            with Image.open(os.path.join(folder, f)) as im:
+                arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(f"the images in {folder} have different sizes {sorted({a.shape[:2] for a in arrays})}; "
+                             "crop them to one size (e.g. 512x512)")
+        return torch.from_numpy(np.stack(arrays))
+    raise ValueError("no subject images: connect 'images' or set 'image_folder'")
+
+
+def loss_curve_image(curves: dict[str, list[float]], width: int = 512, row: int = 96) -> torch.Tensor:
+    """One panel per loss term (own y range, labelled with its last value), as an IMAGE ``(1, H, W, 3)``."""
+    from PIL import Image, ImageDraw
+
+    names = [k for k in ("total", "reconstruction", "prior", "sude", "palp") if k in curves] or ["(no steps)"]
+    img = Image.new("RGB", (width, row * len(names)), "white")
+    draw = ImageDraw.Draw(img)
+    colors = {"total": (0, 0, 0), "reconstruction": (31, 119, 180), "prior": (44, 160, 44), "sude": (214, 39, 40),
+              "palp": (148, 103, 189)}
+    for i, name in enumerate(names):
+        vals = curves.get(name, [])
+        top = i * row
+        draw.rectangle([0, top, width - 1, top + row - 1], outline=(200, 200, 200))
+        if vals:
+            lo, hi = min(vals), max(vals)
+            span = (hi - lo) or 1.0
+            pts = [(8 + (width - 16) * j / max(len(vals) - 1, 1), top + row - 8 - (row - 28) * (v - lo) / span)
+                   for j, v in enumerate(vals)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colors.get(name, (0, 0, 0)), width=2)
+            else:
+                draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colors.get(name))
+            label = f"{name}: {vals[-1]:.4g} (min {lo:.3g}, max {hi:.3g})"
+        else:
+            label = name
+        draw.text((6, top + 4), label, fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+NODES = {
+    "PersonalizeLoRATrainer": ("LoRA Trainer SuDe / PALP (Personalize)", PersonalizeLoRATrainer),
+}

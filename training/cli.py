@@ -1,0 +1,220 @@
+"""Train a SuDe / PALP LoRA on a diffusers model folder from a config file (JSON, or YAML when PyYAML is installed).
+
+    python training/cli.py --config run.json            # one device
+    accelerate launch training/cli.py --config run.json # several GPUs (accelerate is optional)
+
+The config holds the run's paths and a ``train`` section with :class:`~.trainer.TrainConfig`'s fields::
+
+    {"model": "path/to/stable-diffusion-v1-5",          # diffusers layout: unet, vae, text_encoder, tokenizer, scheduler
+     "images": "path/to/subject_images",                # a folder or a list of files
+     "output_dir": "out", "name": "my_subject", "resolution": 512,
+     "checkpoint_every": 100, "resume": null,            # a *.state.safetensors to continue from
+     "prior_images": null, "prior_count": 50,           # class images: a folder, else generated once and cached
+     "train": {"steps": 500, "token": "sks", "class_word": "dog", "sude_weight": 0.4,
+               "palp_weight": 1.0, "palp_prompts": ["a sketch of a dog"]}}
+
+Outputs in ``output_dir``: ``<name>.safetensors`` (LoRA, ComfyUI's LoraLoader key format), ``<name>.state.safetensors``
+(resumable: LoRA, token, optimizer, step, RNG), ``<name>.embedding.safetensors`` when the token is trained
+(``models/embeddings``, use as ``embedding:<name>.embedding``), ``<name>.losses.json``.
+The losses and checkpoint format are the ComfyUI node's.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the pack under an alias (its folder name has a hyphen)
+    import types
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _pkg = types.ModuleType("comfyui_personalize")
+    _pkg.__path__ = [_root]
+    sys.modules.setdefault("comfyui_personalize", _pkg)
+    __package__ = "comfyui_personalize.training"  # noqa: A001
+
+import torch  # noqa: E402
+
+from . import export  # noqa: E402
+from .diffusers_host import ClipTextEncoder, DiffusersDenoiser, ldm_mapper, unet_lora  # noqa: E402
+from .sampling import PRIOR_GUIDANCE, PRIOR_SAMPLING_STEPS, ddim_sample  # noqa: E402
+from .trainer import TrainConfig, Trainer, losses_table  # noqa: E402
+
+log = logging.getLogger("personalize")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# DreamBooth class images in the SuDe reference: 50 (facechain SuDe README).
+PRIOR_COUNT = 50
+RUN_DEFAULTS = {"resolution": 512, "checkpoint_every": 100, "resume": None, "prior_images": None,
+                "prior_count": PRIOR_COUNT, "name": "personalize_lora", "output_dir": "."}
+
+
+def load_config(path: str) -> dict:
+    with open(path) as f:
+        text = f.read()
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use JSON") from None
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    for key in ("model", "images"):
+        if key not in cfg:
+            raise SystemExit(f"{path}: '{key}' is required (see python training/cli.py --help)")
+    unknown = sorted(set(cfg) - set(RUN_DEFAULTS) - {"model", "images", "train"})
+    if unknown:
+        raise SystemExit(f"{path}: unknown key(s) {unknown}; known: model, images, train, {', '.join(RUN_DEFAULTS)}")
+    return {**RUN_DEFAULTS, **cfg}
+
+
+def image_files(spec) -> list[str]:
+    if isinstance(spec, str) and os.path.isdir(spec):
+        files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
+    else:
+        files = [spec] if isinstance(spec, str) else list(spec)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        raise SystemExit(f"no subject images found ({missing or spec}); give a folder of {IMAGE_EXTENSIONS} or a list")
+    return files
+
+
+def load_pixels(files: list[str], size: int) -> torch.Tensor:
+    """Images -> (N, 3, size, size) in [-1, 1], resized on the short side and centre-cropped."""
+    from PIL import Image
+
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3))
+    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """VAE latents (the distribution's mean, deterministic) times the VAE's scaling factor."""
+    p = next(vae.parameters())
+    chunks = [vae.encode(pixels[i:i + batch].to(p)).latent_dist.mean for i in range(0, pixels.shape[0], batch)]
+    return torch.cat(chunks).float() * vae.config.scaling_factor
+
+
+def _accelerator():
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return None
+    return Accelerator()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", required=True, help="JSON or YAML run config")
+    ap.add_argument("--steps", type=int, help="override train.steps")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run = load_config(args.config)
+    train = dict(run.get("train") or {})
+    if args.steps is not None:
+        train["steps"] = args.steps
+    config = TrainConfig.from_dict(train)
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    acc = _accelerator()
+    device = acc.device if acc is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    main_process = rank == 0
+    model = run["model"]
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device)
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+    denoiser = DiffusersDenoiser.from_scheduler(unet, scheduler)
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    text = ClipTextEncoder(tokenizer, text_encoder, config.token if config.train_token else None)
+    token_init = text.word_embedding(config.class_word) if config.train_token else None
+    lora = unet_lora(unet, config.targets, config.rank, config.alpha, config.seed).to(device)
+    latents = encode_latents(vae, load_pixels(image_files(run["images"]), run["resolution"]))
+
+    prior = None
+    if config.prior_weight:
+        prior = prior_latents(run, config, denoiser, text, vae, lora, latents.shape[1:], device)
+
+    # each process draws its own batches (seed + rank); gradients are averaged before the (identical) updates
+    proc_config = TrainConfig.from_dict({**config.to_dict(), "seed": config.seed + rank}) if world > 1 else config
+    trainer = Trainer(denoiser, lora, text, latents, proc_config, prior_latents=prior, token_init=token_init, device=device)
+    if world > 1:
+        trainer.grad_sync = lambda params: [p.grad.copy_(acc.reduce(p.grad, "mean")) for p in params if p.grad is not None]
+
+    os.makedirs(run["output_dir"], exist_ok=True)
+    base = os.path.join(run["output_dir"], run["name"])
+    state_path = base + (f".rank{rank}" if world > 1 else "") + ".state.safetensors"
+    if run["resume"]:
+        trainer.load(run["resume"] if world == 1 else run["resume"].replace(".state.", f".rank{rank}.state."))
+
+    def save_all():
+        trainer.save(state_path)
+        if main_process:
+            export.save_lora(lora, base + ".safetensors", ldm_mapper(denoiser), {"steps": str(trainer.step)})
+            if trainer.token is not None:
+                export.save_embedding(trainer.token, base + ".embedding.safetensors")
+            with open(base + ".losses.json", "w") as f:
+                json.dump(losses_table(trainer.history), f)
+
+    def on_step(step, losses):
+        if main_process:
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if run["checkpoint_every"] and step % run["checkpoint_every"] == 0:
+            save_all()
+
+    try:
+        trainer.train(callback=on_step)
+    finally:
+        save_all()
+    if main_process:
+        print(base + ".safetensors")
+    return {"lora": base + ".safetensors", "state": state_path, "steps": trainer.step}
+
+
+def prior_latents(run, config, denoiser, text, vae, lora, shape, device) -> torch.Tensor:
+    """Class-image latents: encoded from ``prior_images`` or generated once by the frozen base model and cached in
+    the output folder (the cache key covers the model path, prompt, count, size and seed)."""
+    if run["prior_images"]:
+        return encode_latents(vae, load_pixels(image_files(run["prior_images"]), run["resolution"]))
+    prompt = config.fill(config.class_prompt)
+    key = hashlib.sha256(json.dumps([os.path.abspath(run["model"]), prompt, run["prior_count"], list(shape),
+                                     config.seed]).encode()).hexdigest()[:16]
+    path = os.path.join(run["output_dir"], f"prior_{key}.safetensors")
+    if os.path.isfile(path):
+        return export.load_file(path)["latents"].to(device)
+    g = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(run["prior_count"], *shape, generator=g).to(device)
+    with torch.no_grad():
+        cond, uncond = text([prompt], None), text([""], None)
+    out = []
+    with lora.disabled():
+        for i in range(0, noise.shape[0], 4):
+            out.append(ddim_sample(denoiser, denoiser.schedule, noise[i:i + 4], cond, uncond, PRIOR_SAMPLING_STEPS,
+                                   PRIOR_GUIDANCE))
+    latents = torch.cat(out)
+    export.atomic_save_safetensors({"latents": latents}, path)
+    return latents
+
+
+if __name__ == "__main__":
+    main()
