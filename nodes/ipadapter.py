@@ -60,8 +60,8 @@ def _weight(tip: str):
 
 class PersonalizeIPAdapterLoader:
     DESCRIPTION = ("Loads an IP-Adapter from models/ipadapter (.safetensors or .bin). The family (base/light/vit-G, "
-                   "Plus/Plus-face/composition, Full-face) and the target model (SD1.5 or SDXL) are read from the "
-                   "file's keys and shapes, not its name.")
+                   "Plus/Plus-face/composition, Full-face, FaceID / FaceID Plus / Portrait) and the target model "
+                   "(SD1.5 or SDXL) are read from the file's keys and shapes, not its name.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (IPADAPTER,)
     RETURN_NAMES = ("ipadapter",)
