@@ -130,11 +130,14 @@ class PersonalizeLoRATrainer:
             contexts = {}
 
             def encode(prompts_, token):
-                out = []
+                out, loaded_clip = [], False
                 for p in prompts_:
                     if p not in contexts:
                         contexts[p] = patching.text_context(clip, p)
+                        loaded_clip = True
                     out.append(contexts[p])
+                if loaded_clip:  # loading the text encoder may have unloaded the UNet and its LoRA wrappers
+                    denoiser.load()
                 return torch.cat(out).to(device)
 
             latents = patching.vae_latents(model, vae, pixels).to(device)
