@@ -261,13 +261,10 @@ def prepare_adapter(adapter_patcher_, dtype: torch.dtype) -> None:
 
 def apply_lora(model, lora_name: str, strength: float):
     """A LoRA from models/loras on the model (UNet only), as ComfyUI's LoraLoaderModelOnly does."""
-    import comfy.sd
     import comfy.utils
 
-    path = full_path("loras", lora_name, "LoRA")
-    lora = comfy.utils.load_torch_file(path, safe_load=True)
-    model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
-    return model
+    lora = comfy.utils.load_torch_file(full_path("loras", lora_name, "LoRA"), safe_load=True)
+    return model_with_lora(model, lora, strength)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,11 +413,11 @@ def vae_images(model, vae, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(model.model.process_latent_out(latents.detach().float())).float().clone()
 
 
-def model_with_lora(model, lora_state: dict):
-    """``model`` with a LoRA state dict in ComfyUI's key format applied as the stock LoraLoader does."""
+def model_with_lora(model, lora_state: dict, strength: float = 1.0):
+    """``model`` with a LoRA state dict in ComfyUI's key format applied as the stock LoraLoaderModelOnly does."""
     import comfy.sd
 
-    return comfy.sd.load_lora_for_models(model, None, lora_state, 1.0, 0)[0]
+    return comfy.sd.load_lora_for_models(model, None, lora_state, strength, 0)[0]
 
 
 def train_folder() -> str:
