@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -75,19 +75,35 @@ def save_lora(lora: LoRASet, path: str, to_ldm=None, metadata: Mapping[str, str]
     return atomic_save_safetensors(lora_to_comfy(lora, to_ldm), path, meta)
 
 
-def save_embedding(vectors: torch.Tensor, path: str, metadata: Mapping[str, str] | None = None) -> str:
-    """``(n_vectors, width)`` -> ``{"emb_params": ...}`` (readable by ComfyUI as ``embedding:<file name>``)."""
+def save_embedding(vectors: torch.Tensor, path: str, metadata: Mapping[str, str] | None = None,
+                   parts: Sequence[tuple[str, int]] | None = None) -> str:
+    """``(n_vectors, width)`` -> ``{"emb_params": ...}`` (the A1111 / ComfyUI textual-inversion layout, readable by
+    ComfyUI as ``embedding:<file name>``). With ``parts`` (``[(key, width), ...]`` for a model with several text
+    encoders) the vectors are the encoders' embeddings side by side and are saved one key each, e.g. SDXL's
+    ``clip_l`` / ``clip_g`` (the keys ComfyUI's SDXL tokenizers look up)."""
     if vectors.ndim != 2:
         raise ValueError(f"a token embedding is (n_vectors, width), got {tuple(vectors.shape)}")
-    return atomic_save_safetensors({EMBEDDING_KEY: vectors.detach().float()}, path, metadata)
+    vectors = vectors.detach().float()
+    if not parts or len(parts) == 1:
+        return atomic_save_safetensors({EMBEDDING_KEY: vectors}, path, metadata)
+    if sum(w for _, w in parts) != vectors.shape[1]:
+        raise ValueError(f"embedding width {vectors.shape[1]} does not match the parts {list(parts)}")
+    tensors, start = {}, 0
+    for key, width in parts:
+        tensors[key] = vectors[:, start:start + width].contiguous()
+        start += width
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
-def load_embedding(path: str) -> torch.Tensor:
+def load_embedding(path: str, parts: Sequence[tuple[str, int]] | None = None) -> torch.Tensor:
+    """The inverse of :func:`save_embedding`."""
     data = load_file(path)
-    if EMBEDDING_KEY not in data:
-        raise CheckpointError(f"{path} has no '{EMBEDDING_KEY}' tensor (keys: {sorted(data)[:5]}); not a token embedding "
+    keys = [EMBEDDING_KEY] if not parts or len(parts) == 1 else [k for k, _ in parts]
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} has no {missing} tensor (keys: {sorted(data)[:5]}); not a token embedding "
                               "saved by this trainer")
-    return data[EMBEDDING_KEY]
+    return torch.cat([data[k].reshape(-1, data[k].shape[-1]) for k in keys], dim=1)
 
 
 def save_state(tensors: Mapping[str, torch.Tensor], info: Mapping, path: str) -> str:

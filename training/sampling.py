@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import conditioning
 from .losses import cfg
 from .schedule import NoiseSchedule
 
@@ -17,15 +18,14 @@ PRIOR_GUIDANCE = 10.0
 
 
 @torch.no_grad()
-def ddim_sample(denoiser: Callable, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor, steps: int = PRIOR_SAMPLING_STEPS, guidance: float = PRIOR_GUIDANCE) -> torch.Tensor:
-    """x0 from ``noise`` ``(B, C, H, W)``; ``cond`` / ``uncond`` contexts ``(B or 1, L, D)``. One batched forward
-    (uncond + cond) per step."""
+def ddim_sample(denoiser: Callable, schedule: NoiseSchedule, noise: torch.Tensor, cond: conditioning.Conditioning,
+                uncond: conditioning.Conditioning, steps: int = PRIOR_SAMPLING_STEPS, guidance: float = PRIOR_GUIDANCE) -> torch.Tensor:
+    """x0 from ``noise`` ``(B, C, H, W)``; ``cond`` / ``uncond`` conditionings of batch B or 1 (a context
+    ``(B, L, D)`` or a tuple, :mod:`.conditioning`). One batched forward (uncond + cond) per step."""
     T = schedule.timesteps
     ts = torch.linspace(T - 1, 0, max(int(steps), 1)).round().long().unique_consecutive()
     b = noise.shape[0]
-    cond, uncond = cond.expand(b, *cond.shape[1:]), uncond.expand(b, *uncond.shape[1:])
-    ctx = torch.cat([uncond, cond]).to(noise)
+    ctx = conditioning.to(conditioning.cat([conditioning.expand(uncond, b), conditioning.expand(cond, b)]), noise)
     x = noise
     for i, t in enumerate(ts):
         tt = t.repeat(b)

@@ -5,8 +5,9 @@ A host supplies:
 - ``denoiser(x_t, t, context) -> prediction`` with a ``schedule`` attribute (:class:`~.schedule.NoiseSchedule`, which
   says whether the prediction is eps, x0 or v), computing with the LoRA deltas of a :class:`~.lora.LoRASet` that the
   host attached (diffusers: :func:`.lora.attach`; ComfyUI: ``ModelPatcher.add_weight_wrapper``);
-- ``encode_text(prompts, token) -> context (B, L, D)``: the frozen text encoder; ``token`` is the trainable [V]
-  embedding ``(n_vectors, width)`` or None, used wherever the placeholder appears in a prompt;
+- ``encode_text(prompts, token) -> conditioning``: the frozen text encoder; ``token`` is the trainable [V]
+  embedding ``(n_vectors, width)`` or None, used wherever the placeholder appears in a prompt; the conditioning is
+  a context ``(B, L, D)`` or a tuple of batch-first tensors (:mod:`.conditioning`; SDXL adds the pooled/size vector);
 - latents of the subject images (``(N, C, H, W)``, already scaled as the denoiser expects).
 
 One optimizer step, per micro-batch (prompts as in the SuDe reference / PALP paper):
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import conditioning as cond
 from . import export
 from .lora import ATTENTION_TARGETS, DEFAULT_RANK, LoRASet
 from .losses import (PALP_ALPHA, PALP_BETA, SUDE_WEIGHT, palp_loss, palp_residual, prior_preservation_loss,
@@ -152,19 +154,22 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------
     # text
 
-    def _context(self, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
-        """Contexts of ``prompts``; cached unless the trained token is in the prompt (then encoded with grad)."""
-        out = []
+    def context(self, prompts: Sequence[str], grad: bool = False):
+        """Conditioning of ``prompts`` (batched); cached unless the trained token is in the prompt, which is encoded
+        with the current token (with grad if ``grad``), once per distinct prompt."""
+        out, fresh = [], {}
         for p in prompts:
             if self.token is not None and self.config.token in p:
-                with contextlib.nullcontext() if grad else torch.no_grad():
-                    out.append(self.encode_text([p], self.token if grad else self.token.detach()))
+                if p not in fresh:
+                    with contextlib.nullcontext() if grad else torch.no_grad():
+                        fresh[p] = self.encode_text([p], self.token if grad else self.token.detach())
+                out.append(fresh[p])
                 continue
             if p not in self._contexts:
                 with torch.no_grad():
-                    self._contexts[p] = self.encode_text([p], None).detach()
+                    self._contexts[p] = cond.detach(self.encode_text([p], None))
             out.append(self._contexts[p])
-        return torch.cat([c.to(self.device) for c in out])
+        return cond.to(cond.cat(out), self.device)
 
     # -----------------------------------------------------------------------------------------------------------
     # one step
@@ -192,7 +197,7 @@ class Trainer:
         eps = self._randn(x0)
         x_t = sch.q_sample(x0, eps, t)
         instance = cfg.fill(cfg.instance_prompt)
-        ctx_inst = self._context([instance] * B, grad=True)
+        ctx_inst = self.context([instance] * B, grad=True)
 
         xs, ts, ctxs = [x_t], [t], [ctx_inst]
         if w["prior"]:
@@ -201,8 +206,8 @@ class Trainer:
             eps_p = self._randn(xp0)
             xs.append(sch.q_sample(xp0, eps_p, tp))
             ts.append(tp)
-            ctxs.append(self._context([cfg.fill(cfg.class_prompt)] * B))
-        pred = self._predict(torch.cat(xs), torch.cat(ts), torch.cat(ctxs))
+            ctxs.append(self.context([cfg.fill(cfg.class_prompt)] * B))
+        pred = self._predict(torch.cat(xs), torch.cat(ts), cond.cat(ctxs))
         eps_s = pred[:B]
 
         terms = {"reconstruction": w["reconstruction"] * reconstruction_loss(eps_s, eps).mean()}
@@ -211,26 +216,26 @@ class Trainer:
 
         # no-grad predictions, LoRA on (SuDe: same model, not a frozen copy; PALP: the personalized branch)
         on_x, on_t, on_ctx = [], [], []
-        empty = self._context([""] * B)
+        empty = self.context([""] * B)
         if w["sude"]:
             on_x += [x_t, x_t]
             on_t += [t, t]
-            on_ctx += [self._context([cfg.fill(cfg.class_prompt)] * B), empty]
+            on_ctx += [self.context([cfg.fill(cfg.class_prompt)] * B), empty]
         if w["palp"]:
             x0_hat = sch.x0_from_eps(x_t, eps_s.detach(), t)
             xh_t = sch.q_sample(x0_hat, eps, t)  # same noise, same t (PALP Sec. 4)
             target_idx = self._randint(len(cfg.palp_prompts), B).tolist()
-            targets = self._context([cfg.palp_prompts[i] for i in target_idx])
+            targets = self.context([cfg.palp_prompts[i] for i in target_idx])
             on_x += [xh_t, xh_t]
             on_t += [t, t]
-            on_ctx += [self._context([instance] * B), empty]
+            on_ctx += [self.context([instance] * B), empty]
         if on_x:
             with torch.no_grad():
-                on = self._predict(torch.cat(on_x), torch.cat(on_t), torch.cat(on_ctx)).chunk(len(on_x))
+                on = self._predict(torch.cat(on_x), torch.cat(on_t), cond.cat(on_ctx)).chunk(len(on_x))
             if w["palp"]:
                 with torch.no_grad(), self.lora.disabled():
                     frozen_c, frozen_u = self._predict(torch.cat([xh_t, xh_t]), torch.cat([t, t]),
-                                                       torch.cat([targets, empty])).chunk(2)
+                                                       cond.cat([targets, empty])).chunk(2)
                 residual = palp_residual(frozen_c, frozen_u, on[-2], on[-1], cfg.palp_alpha, cfg.palp_beta)
                 terms["palp"] = w["palp"] * palp_loss(eps_s, residual, t, sch, rescale=cfg.palp_rescale).mean()
             if w["sude"]:

@@ -244,7 +244,7 @@ def eval_reconstruction(trainer, n=16):
     x0 = trainer.latents.repeat(n // trainer.latents.shape[0], 1, 1, 1)
     t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    ctx = trainer._context([trainer.config.fill(trainer.config.instance_prompt)] * x0.shape[0])
+    ctx = trainer.context([trainer.config.fill(trainer.config.instance_prompt)] * x0.shape[0])
     with torch.no_grad():
         pred = trainer.denoiser(SCHEDULE.q_sample(x0, eps, t), t, ctx)
     return float(losses.reconstruction_loss(pred, eps).mean())
