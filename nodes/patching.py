@@ -309,13 +309,16 @@ TRAIN_FOLDER = "personalize_train"  # resumable states and cached class latents,
 
 
 def check_trainable(model) -> None:
-    """Raise unless the model is a UNet conditioned by cross-attention alone (SD1.x / SD2.x)."""
+    """Raise unless the model is a UNet conditioned by cross-attention (SD1.x / SD2.x) or by cross-attention plus
+    SDXL's pooled-text and size vector."""
+    import comfy.model_base
+
     dm = model.model.diffusion_model
     if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"the LoRA trainer needs a UNet model (SD1.x / SD2.x); got {type(dm).__name__}")
-    if getattr(model.model, "adm_channels", 0):
-        raise ValueError("the LoRA trainer supports SD1.x / SD2.x models for now; this model also takes pooled / size "
-                         "conditioning (SDXL-type). Use the CLI on a diffusers SD1.x/SD2.x model, or an SD1.5 checkpoint")
+        raise ValueError(f"the LoRA trainer needs a UNet model (SD1.x / SD2.x / SDXL); got {type(dm).__name__}")
+    if getattr(model.model, "adm_channels", 0) and not isinstance(model.model, comfy.model_base.SDXL):
+        raise ValueError(f"the LoRA trainer supports SD1.x / SD2.x / SDXL base models; this one "
+                         f"({type(model.model).__name__}) takes another extra conditioning (refiner, unCLIP, ...)")
 
 
 def training_lora(model, targets, rank: int, alpha, seed: int) -> _LoRASet:
@@ -353,9 +356,11 @@ def attach_training_lora(model, lora: _LoRASet):
 
 
 class ComfyDenoiser:
-    """``denoiser(x_t, t, context)`` over a ComfyUI model: DDPM ``x_t`` at integer ``t`` -> ``apply_model`` at
+    """``denoiser(x_t, t, conditioning)`` over a ComfyUI model: DDPM ``x_t`` at integer ``t`` -> ``apply_model`` at
     ``sigma_t`` on ``x_t / sqrt(abar_t)``; the output is ComfyUI's denoised x0 (whatever the model's own
-    parameterization), so the schedule says ``x0``. The schedule is the model's own ``model_sampling.sigmas``."""
+    parameterization), so the schedule says ``x0``. The schedule is the model's own ``model_sampling.sigmas``.
+    The conditioning is the cross-attention context, or ``(context, y)`` for SDXL (see :class:`ComfyTextEncoder`).
+    ``companions``: other patchers to keep loaded with the UNet (the text encoder when a token is trained)."""
 
     def __init__(self, patcher):
         self.patcher = patcher
@@ -364,15 +369,21 @@ class ComfyDenoiser:
         self.schedule = _NoiseSchedule.from_sigmas(sigmas, "x0")
         self._sigmas = sigmas
         self.transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+        self.companions = []
 
     def __call__(self, x_t, t, context):
         sigma = self._sigmas[t.detach().cpu().long()].to(x_t.device)
         x = x_t * (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()  # x_sigma = x_t / sqrt(abar)
-        return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=self.transformer_options)
+        extra = {}
+        if isinstance(context, tuple):
+            context, extra["y"] = context
+        return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=self.transformer_options,
+                                              **extra)
 
     def load(self) -> None:
-        """Load the model (and install the weight wrappers) on the compute device, fully."""
-        mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        """Load the model (and install the weight wrappers) and its companions on the compute device, fully, first
+        unloading everything else (training needs the memory for activations)."""
+        mm.load_models_gpu([self.patcher, *self.companions], memory_required=1e20, force_full_load=True)
 
     @property
     def device(self):
@@ -394,18 +405,142 @@ def gradient_checkpointing(patcher, enabled: bool = True):
             b.__dict__.pop("forward", None)
 
 
-def text_context(clip, prompt: str) -> torch.Tensor:
-    """CLIP conditioning ``(1, L, D)`` of ``prompt``, as a normal (non-inference) tensor."""
-    with torch.no_grad():
-        cond = clip.encode_from_tokens(clip.tokenize(prompt))
-    return cond.detach().clone().float()
+def sdxl_size_conditioning(model, latents: torch.Tensor):
+    """``pooled -> y`` for SDXL-type models (original size = target size = the training images' size, no crop, as
+    ComfyUI's CLIPTextEncodeSDXL defaults); None for models without such a vector."""
+    if not getattr(model.model, "adm_channels", 0):
+        return None
+    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8  # SD VAEs downsample by 8
+
+    def adm(pooled):
+        return model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                                      target_height=h)
+    return adm
+
+
+def _keep_inference_or_clone(t):
+    return t if t.is_inference() else t.clone()
+
+
+def _same(t):
+    return t
+
+
+class ComfyTextEncoder:
+    """``encode(prompts, token) -> conditioning`` over a ComfyUI CLIP, as the training core expects.
+
+    Without a token: ComfyUI's own encode under no_grad (the trainer caches it). With one: the prompt names the
+    trained embedding as ``embedding:<name>``; the embedding file is written first (:meth:`write_embedding`), so
+    ComfyUI's tokenizer puts its vectors exactly where a prompt at inference puts them; those vectors are then
+    swapped for rows of the trainable token and the text encoder runs with autograd. ComfyUI's CLIP adds residuals
+    in place and its weights are inference tensors, so the activations autograd saves are cloned as they are saved
+    (the weights, never modified, are kept as they are).
+
+    The token is ``(n_vectors, sum of widths)``: each text encoder's part side by side (:attr:`parts`; SDXL:
+    CLIP-G then CLIP-L in the tokenizer's key order). ``adm``: ``pooled -> y`` for SDXL (the conditioning is then
+    ``(context, y)``)."""
+
+    def __init__(self, clip, adm=None):
+        self.clip, self.adm = clip, adm
+        cs = clip.cond_stage_model
+        self.parts = []
+        for key in clip.tokenize(""):
+            encoder = getattr(cs, f"clip_{key}", None)
+            if encoder is None or not hasattr(encoder, "transformer"):
+                raise ValueError(f"token training needs CLIP text encoders; {type(cs).__name__} has no 'clip_{key}'")
+            self.parts.append((key, encoder.transformer.get_input_embeddings().weight.shape[1]))
+        self._written: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, tuple] = {}
+
+    @property
+    def file_parts(self) -> list[tuple[str, int]]:
+        """The embedding file's keys (``clip_l``, ``clip_g``: the keys ComfyUI's tokenizers look up) and widths."""
+        return [(f"clip_{k}", w) for k, w in self.parts]
+
+    def _split(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, start = {}, 0
+        for key, width in self.parts:
+            out[key] = vectors[:, start:start + width]
+            start += width
+        return out
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """``(1, width)``: the mean input embedding of ``word``'s tokens, per text encoder (a new token's start)."""
+        tokens = self.clip.tokenize(word, return_word_ids=True)
+        cs, vecs = self.clip.cond_stage_model, []
+        for key, _ in self.parts:
+            ids = [int(t) for t, _, wid in tokens[key][0] if wid != 0]
+            if not ids:
+                raise ValueError(f"the class word {word!r} gives no tokens")
+            table = getattr(cs, f"clip_{key}").transformer.get_input_embeddings().weight
+            vecs.append(table[ids].detach().float().mean(0).cpu())
+        return torch.cat(vecs)[None].clone()
+
+    def write_embedding(self, vectors: torch.Tensor, path: str, metadata=None) -> None:
+        """Save ``vectors`` where ComfyUI's tokenizer finds them (``embedding:<file name>``)."""
+        from ..training import export
+
+        export.save_embedding(vectors, path, metadata, parts=self.file_parts)
+        self._written = {k: v.detach().float().cpu().clone() for k, v in self._split(vectors).items()}
+
+    def _conditioning(self, cond, pooled):
+        cond = cond.float()
+        return cond if self.adm is None else (cond, self.adm(pooled.float()))
+
+    def _plain(self, prompt: str):
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+            out = self._conditioning(cond, pooled)
+        return tuple(c.detach().clone() for c in out) if isinstance(out, tuple) else out.detach().clone()
+
+    def _slots(self, prompt: str):
+        """ComfyUI's tokens of ``prompt`` and where the written embedding's vectors are: ``(key, section, index,
+        row)``."""
+        if prompt not in self._tokens:
+            tokens = self.clip.tokenize(prompt)
+            slots = []
+            for key, _ in self.parts:
+                for si, section in enumerate(tokens[key]):
+                    for idx, entry in enumerate(section):
+                        if not torch.is_tensor(entry[0]) or key not in self._written:
+                            continue
+                        rows = [r for r, v in enumerate(self._written[key]) if torch.equal(entry[0].float().cpu(), v)]
+                        if rows:
+                            slots.append((key, si, idx, rows[0]))
+            if not slots:
+                raise ValueError(f"the prompt {prompt!r} names no trained embedding that ComfyUI's tokenizer found "
+                                 f"(embeddings folders: {folder_paths.get_folder_paths('embeddings')}); write it with "
+                                 "write_embedding first")
+            self._tokens[prompt] = (tokens, slots)
+        return self._tokens[prompt]
+
+    def _with_token(self, prompt: str, token: torch.Tensor):
+        tokens, slots = self._slots(prompt)
+        tokens = {k: [list(section) for section in v] for k, v in tokens.items()}
+        parts = self._split(token)
+        for key, si, idx, row in slots:
+            entry = tokens[key][si][idx]
+            tokens[key][si][idx] = (parts[key][row],) + tuple(entry[1:])
+        cs = self.clip.cond_stage_model
+        cs.reset_clip_options()  # as CLIP.encode_from_tokens, without its load_model (the trainer loaded it)
+        if self.clip.layer_idx is not None:
+            cs.set_clip_options({"layer": self.clip.layer_idx})
+        with torch.autograd.graph.saved_tensors_hooks(_keep_inference_or_clone, _same):
+            cond, pooled = cs.encode_token_weights(tokens)[:2]
+            return self._conditioning(cond, pooled)
+
+    def __call__(self, prompts, token):
+        from ..training import conditioning
+
+        return conditioning.cat([self._plain(p) if token is None else self._with_token(p, token) for p in prompts])
 
 
 def vae_latents(model, vae, images: torch.Tensor) -> torch.Tensor:
     """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents)."""
-    with torch.no_grad():
-        lat = vae.encode(images[..., :3].clone())
-    return model.model.process_latent_in(lat.detach().clone().float())
+    with torch.no_grad():  # one image at a time: ComfyUI sizes VAE batches by free memory, and a convolution's result
+        # can depend on the batch size in the last bits, which Adam's first steps amplify (resume would not be exact)
+        lat = torch.cat([vae.encode(images[i:i + 1, ..., :3].clone()).float() for i in range(images.shape[0])])
+    return model.model.process_latent_in(lat.detach().clone())
 
 
 def vae_images(model, vae, latents: torch.Tensor) -> torch.Tensor:

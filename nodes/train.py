@@ -11,7 +11,7 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
-from ..training import export
+from ..training import conditioning, export
 from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
 from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
 from ..training.sampling import PRIOR_GUIDANCE, ddim_sample
@@ -27,6 +27,9 @@ TARGET_CHOICES = {"attention (q, k, v, out)": ATTENTION_TARGETS,
                   "cross-attention only": tuple(t for t in ATTENTION_TARGETS if t.startswith("attn2"))}
 VALIDATION_STEPS = 20  # DDIM steps of a validation sample
 VALIDATION_GUIDANCE = 7.5
+# Learning rate of the [V] embedding: our choice, between the LoRA's 1e-4 and the few 1e-3 textual inversion uses alone
+# (a token trained together with a LoRA needs to move less); not a paper value.
+TOKEN_LEARNING_RATE = 5e-4
 
 
 def _weight(default: float, tip: str, high: float = 10.0):
@@ -34,27 +37,33 @@ def _weight(default: float, tip: str, high: float = 10.0):
 
 
 class PersonalizeLoRATrainer:
-    DESCRIPTION = ("Trains a LoRA on the attention layers of an SD1.x/SD2.x model from 1-4 subject images "
-                   "(DreamBooth-LoRA), with the SuDe term (the subject inherits its class's attributes) and the PALP term "
+    DESCRIPTION = ("Trains a LoRA on the attention layers of an SD1.x/SD2.x/SDXL model from 1-4 subject images "
+                   "(DreamBooth-LoRA), optionally with a new token embedding [V] (textual inversion), with the SuDe term (the subject inherits its class's attributes) and the PALP term "
                    "(stays aligned with target prompts). Saves the LoRA to models/loras (loads with the stock LoRA "
-                   "loaders) and a resumable state to output/personalize_train; Cancel leaves both usable.")
+                   "loaders), the token to models/embeddings (use it in prompts as embedding:<save_name>) and a resumable state "
+                   "to output/personalize_train; Cancel leaves all of them usable.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "lora_name", "loss_curve", "validation")
+    RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "IMAGE", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "lora_name", "loss_curve", "validation", "clip", "subject")
     OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied (as LoraLoaderModelOnly would).",
                        "The LoRA file name in models/loras.",
                        "Loss per term over the steps.",
-                       "Validation samples (validation prompt, fixed seed) every 'validate_every' steps and at the end.")
+                       "Validation samples (validation prompt, fixed seed) every 'validate_every' steps and at the end.",
+                       "The input CLIP, passed through: encode prompts with it so that they run after training (the "
+                       "trained embedding file exists then).",
+                       "How prompts name the subject: the subject token, or embedding:<save_name> when the token is "
+                       "trained.")
     FUNCTION = "train"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "SD1.x / SD2.x model to personalize."}),
-                "clip": ("CLIP", {"tooltip": "Its text encoder (frozen)."}),
+                "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL model to personalize."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder (frozen; only the new token's embedding is trained)."}),
                 "vae": ("VAE", {"tooltip": "Its VAE, to encode the subject images."}),
-                "subject_token": ("STRING", {"default": "sks", "tooltip": "Rare word that names the subject in prompts."}),
+                "subject_token": ("STRING", {"default": "sks", "tooltip": "Rare word that names the subject in prompts "
+                                                                        "(not used when train_token is on)."}),
                 "class_word": ("STRING", {"default": "dog", "tooltip": "The subject's class, e.g. dog, person, cat."}),
                 "palp_prompts": ("STRING", {"multiline": True, "default": "",
                                             "tooltip": "PALP target prompts, one per line, WITHOUT the subject token "
@@ -97,6 +106,12 @@ class PersonalizeLoRATrainer:
                                              "tooltip": "DDIM steps of a validation sample; 0: no validation."}),
                 "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save the LoRA and "
                                                                                                 "state every N steps."}),
+                "train_token": ("BOOLEAN", {"default": False, "tooltip": "Also train a new token embedding [V] "
+                                            "(textual inversion; PALP trains LoRA + token), started from the class "
+                                            "word's embedding and saved as models/embeddings/<save_name>.safetensors. "
+                                            "Prompts then name the subject as embedding:<save_name> (output 'subject')."}),
+                "token_learning_rate": ("FLOAT", {"default": TOKEN_LEARNING_RATE, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                                  "round": False, "tooltip": "AdamW learning rate of the token."}),
             },
         }
 
@@ -104,14 +119,17 @@ class PersonalizeLoRATrainer:
               palp_weight, prior_weight, seed, save_name, resume, images=None, image_folder="", prior_images=None,
               prior_count=8, targets="attention (q, k, v, out)", palp_alpha=PALP_ALPHA, palp_beta=PALP_BETA,
               batch_size=1, grad_accumulation=1, gradient_checkpointing=False, mixed_precision="no",
-              validation_prompt=INSTANCE_PROMPT, validate_every=0, validation_steps=VALIDATION_STEPS, checkpoint_every=100):
+              validation_prompt=INSTANCE_PROMPT, validate_every=0, validation_steps=VALIDATION_STEPS, checkpoint_every=100,
+              train_token=False, token_learning_rate=TOKEN_LEARNING_RATE):
         patching.check_trainable(model)
         name = _safe_name(save_name)
         prompts = tuple(p.strip() for p in palp_prompts.splitlines() if p.strip())
-        if any(subject_token in p.split() for p in prompts):
+        if any(w in p.split() for p in prompts for w in (subject_token, f"embedding:{name}")):
             raise ValueError(f"PALP target prompts must be clean (no '{subject_token}'): they describe what the frozen "
                              "model should draw, e.g. 'a sketch of a dog'")
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, token=subject_token,
+        subject = f"embedding:{name}" if train_token else subject_token
+        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, token=subject,
+                             train_token=train_token, token_learning_rate=token_learning_rate,
                              class_word=class_word, targets=TARGET_CHOICES[targets], sude_weight=sude_weight,
                              palp_weight=palp_weight if prompts else 0.0, palp_prompts=prompts, prior_weight=prior_weight,
                              palp_alpha=palp_alpha, palp_beta=palp_beta, batch_size=batch_size,
@@ -120,6 +138,7 @@ class PersonalizeLoRATrainer:
         pixels = _subject_images(images, image_folder)
         lora_path = os.path.join(patching.first_folder("loras"), name + ".safetensors")
         state_path = os.path.join(patching.train_folder(), name + ".state.safetensors")
+        embedding_path = os.path.join(patching.first_folder("embeddings"), name + ".safetensors")
 
         with torch.inference_mode(False), torch.enable_grad():
             lora = patching.training_lora(model, config.targets, config.rank, config.alpha, config.seed)
@@ -127,45 +146,55 @@ class PersonalizeLoRATrainer:
             denoiser.load()
             device = denoiser.device
             lora.to(device)
+            latents = patching.vae_latents(model, vae, pixels).to(device)
+            encoder = patching.ComfyTextEncoder(clip, adm=patching.sdxl_size_conditioning(model, latents))
+            if train_token:
+                denoiser.companions.append(clip.patcher)  # the text encoder runs (with grad) at every step
+            denoiser.load()  # the VAE may have pushed the UNet out
             contexts = {}
 
             def encode(prompts_, token):
-                out, loaded_clip = [], False
-                for p in prompts_:
-                    if p not in contexts:
-                        contexts[p] = patching.text_context(clip, p)
-                        loaded_clip = True
-                    out.append(contexts[p])
-                if loaded_clip:  # loading the text encoder may have unloaded the UNet and its LoRA wrappers
+                if token is not None:
+                    return encoder(prompts_, token)
+                missing = [p for p in dict.fromkeys(prompts_) if p not in contexts]
+                for p in missing:
+                    contexts[p] = encoder([p], None)
+                if missing:  # loading the text encoder may have unloaded the UNet and its LoRA wrappers
                     denoiser.load()
-                return torch.cat(out).to(device)
+                return conditioning.cat([contexts[p] for p in prompts_])
 
-            latents = patching.vae_latents(model, vae, pixels).to(device)
-            denoiser.load()  # the VAE may have pushed the UNet out
             prior = None
             if config.prior_weight:
                 prior = self._prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents)
-            trainer = Trainer(denoiser, lora, encode, latents, config, prior_latents=prior, device=device)
+            token_init = encoder.word_embedding(class_word) if train_token else None
+            trainer = Trainer(denoiser, lora, encode, latents, config, prior_latents=prior, token_init=token_init,
+                              device=device)
             if resume:
                 if not os.path.isfile(state_path):
                     raise FileNotFoundError(f"resume is on but there is no saved state {state_path}; train once with "
                                             f"save_name '{name}' first, or turn resume off")
                 trainer.load(state_path)
+            meta = {"token": subject, "class_word": class_word}
+            if trainer.token is not None:  # the tokenizer finds [V] in this file; it holds the current vectors
+                encoder.write_embedding(trainer.token, embedding_path, {**meta, "steps": str(trainer.step)})
             g = torch.Generator().manual_seed(seed)
             val_noise = torch.randn(1, *latents.shape[1:], generator=g).to(device)
-            val_ctx = encode([config.fill(validation_prompt)], None), encode([""], None)
             samples = []
 
             def validate():
                 if not validation_steps:
                     return
                 with torch.no_grad():
-                    x0 = ddim_sample(denoiser, denoiser.schedule, val_noise, *val_ctx, validation_steps, VALIDATION_GUIDANCE)
+                    ctx = trainer.context([config.fill(validation_prompt)]), trainer.context([""])
+                    x0 = ddim_sample(denoiser, denoiser.schedule, val_noise, *ctx, validation_steps, VALIDATION_GUIDANCE)
                 samples.append(x0)
 
             def save():
-                meta = {"steps": str(trainer.step), "token": subject_token, "class_word": class_word}
-                export.save_lora(lora, lora_path, metadata=meta)
+                step_meta = {**meta, "steps": str(trainer.step)}
+                export.save_lora(lora, lora_path, metadata=step_meta)
+                if trainer.token is not None:
+                    encoder.write_embedding(trainer.token, embedding_path, step_meta)
+                    patching.refresh_file_list("embeddings")
                 trainer.save(state_path)
                 patching.refresh_file_list("loras")
 
@@ -192,7 +221,7 @@ class PersonalizeLoRATrainer:
             decoded = (patching.vae_images(model, vae, torch.cat(samples)) if samples
                        else torch.zeros(1, *pixels.shape[1:3], 3))
         log.info("trained %s: %d steps, last losses %s", lora_path, trainer.step, trainer.history[-1] if trainer.history else {})
-        return (patching.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded)
+        return (patching.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
 
     @staticmethod
     def _prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents):
