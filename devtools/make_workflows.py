@@ -26,10 +26,12 @@ POSITIVE = "best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
-def _sampling(graph: dict, model_ref: list, ckpt_id: str, prompt: str, size: int, prefix: str, seed: int = 42) -> None:
+def _sampling(graph: dict, model_ref: list, ckpt_id: str, prompt: str, size: int, prefix: str, seed: int = 42,
+              clip_ref: list | None = None) -> None:
+    clip_ref = clip_ref or [ckpt_id, 1]
     graph.update({
-        "20": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [ckpt_id, 1]}},
-        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": [ckpt_id, 1]}},
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": clip_ref}},
+        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": clip_ref}},
         "22": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "23": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": seed, "steps": 25, "cfg": 7.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["20", 0],
@@ -92,7 +94,9 @@ def two_references_masked_sd15() -> dict:
 
 
 def train_lora_sd15() -> dict:
-    """Train a SuDe + PALP LoRA from one reference image, then sample the subject in a target style (one graph)."""
+    """Train a SuDe + PALP LoRA and token [V] from one reference image, then sample the subject in a target style
+    (one graph). The prompts take the trainer's CLIP output, so they are encoded after training, when the embedding
+    file exists."""
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
         "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
@@ -104,11 +108,12 @@ def train_lora_sd15() -> dict:
             "targets": "attention (q, k, v, out)", "palp_alpha": 15.0, "palp_beta": 7.5, "batch_size": 1,
             "grad_accumulation": 1, "gradient_checkpointing": False, "mixed_precision": "no",
             "validation_prompt": "a photo of {token} {class_word}", "validate_every": 100, "validation_steps": 10,
-            "checkpoint_every": 100}},
+            "checkpoint_every": 100, "train_token": True, "token_learning_rate": 5e-4}},
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
     }
-    _sampling(g, ["5", 0], "1", "a sketch of sks dog, " + POSITIVE, 512, "personalize/train_lora_sd15")
+    _sampling(g, ["5", 0], "1", "a sketch of embedding:personalize_sks_dog dog, " + POSITIVE, 512,
+              "personalize/train_lora_sd15", clip_ref=["5", 4])
     return g
 
 
