@@ -2,6 +2,10 @@
 
     python training/cli.py --config run.json            # one device
     accelerate launch training/cli.py --config run.json # several GPUs (accelerate is optional)
+    accelerate launch --multi_gpu --num_processes 2 training/cli.py --config run.json  # 2 processes (GPUs or CPUs)
+
+(On a machine without GPUs the processes run on the CPU, gloo; ``accelerate launch --cpu`` starts only one.
+Each process draws its own batches, seed + rank; gradients are averaged over the processes.)
 
 The config holds the run's paths and a ``train`` section with :class:`~.trainer.TrainConfig`'s fields::
 
@@ -15,16 +19,20 @@ The config holds the run's paths and a ``train`` section with :class:`~.trainer.
 
 Outputs in ``output_dir``: ``<name>.safetensors`` (LoRA, ComfyUI's LoraLoader key format), ``<name>.state.safetensors``
 (resumable: LoRA, token, optimizer, step, RNG), ``<name>.embedding.safetensors`` when the token is trained
-(``models/embeddings``, use as ``embedding:<name>.embedding``), ``<name>.losses.json``.
+(``models/embeddings``, use as ``embedding:<name>.embedding``), ``<name>.losses.json``. With several processes each
+saves its own state, ``<name>.rank<r>.state.safetensors``, and the losses are process 0's; resume them with as many
+processes and ``"resume": "<name>.state.safetensors"``.
 The losses and checkpoint format are the ComfyUI node's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: import the pack under an alias (its folder name has a hyphen)
@@ -112,7 +120,17 @@ def _accelerator():
         from accelerate import Accelerator
     except ImportError:
         return None
-    return Accelerator()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch --multi_gpu
+    # accelerate runs several processes on CPUs (gloo) only when told to (ACCELERATE_USE_CPU=1); without a device it
+    # would leave each process on its own as rank 0, all writing the same files
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    acc = Accelerator(cpu=world > 1 and not has_device)
+    if world > 1 and acc.num_processes != world:
+        raise SystemExit(f"launched as {world} processes but accelerate set up {acc.num_processes} "
+                         f"({acc.distributed_type}); set ACCELERATE_USE_CPU=1 to run them on CPUs")
+    if acc.num_processes > 1:
+        log.info("process %d of %d (%s, %s)", acc.process_index, acc.num_processes, acc.distributed_type, acc.device)
+    return acc
 
 
 def main(argv=None) -> dict:
@@ -152,8 +170,9 @@ def main(argv=None) -> dict:
     latents = encode_latents(vae, load_pixels(image_files(run["images"]), run["resolution"]))
 
     prior = None
-    if config.prior_weight:
-        prior = prior_latents(run, config, denoiser, text, vae, lora, latents.shape[1:], device)
+    if config.prior_weight:  # with several processes, rank 0 generates the class images and the others read its cache
+        with acc.main_process_first() if world > 1 else contextlib.nullcontext():
+            prior = prior_latents(run, config, denoiser, text, vae, lora, latents.shape[1:], device)
 
     # each process draws its own batches (seed + rank); gradients are averaged before the (identical) updates
     proc_config = TrainConfig.from_dict({**config.to_dict(), "seed": config.seed + rank}) if world > 1 else config
@@ -165,7 +184,13 @@ def main(argv=None) -> dict:
     base = os.path.join(run["output_dir"], run["name"])
     state_path = base + (f".rank{rank}" if world > 1 else "") + ".state.safetensors"
     if run["resume"]:
-        trainer.load(run["resume"] if world == 1 else run["resume"].replace(".state.", f".rank{rank}.state."))
+        resume = run["resume"]
+        if world > 1:  # each process resumes its own state: <name>.rank<r>.state.safetensors
+            resume = re.sub(r"(\.rank\d+)?\.state\.safetensors$", f".rank{rank}.state.safetensors", resume)
+            if not os.path.isfile(resume):
+                raise SystemExit(f"cannot resume process {rank} of {world}: {resume} not found (resume with as many "
+                                 "processes as the run that saved the state)")
+        trainer.load(resume)
 
     def save_all():
         trainer.save(state_path)
@@ -186,6 +211,8 @@ def main(argv=None) -> dict:
         trainer.train(callback=on_step)
     finally:
         save_all()
+    if world > 1:
+        acc.end_training()  # destroys the process group: left to interpreter exit, gloo can abort the process
     if main_process:
         print(base + ".safetensors")
     return {"lora": base + ".safetensors", "state": state_path, "steps": trainer.step}
