@@ -253,11 +253,11 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accumulation
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.grad_sync is not None:  # before unscaling: an overflow on one process then skips the step on all
+            self.grad_sync(params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.grad_sync is not None:
-            self.grad_sync(params)
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if self.scaler:
