@@ -537,8 +537,8 @@ class ComfyTextEncoder:
 
 def vae_latents(model, vae, images: torch.Tensor) -> torch.Tensor:
     """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents)."""
-    with torch.no_grad():  # one image at a time: ComfyUI sizes VAE batches by free memory, and a convolution's result
-        # can depend on the batch size in the last bits, which Adam's first steps amplify (resume would not be exact)
+    with torch.no_grad():  # one image at a time: ComfyUI sizes VAE batches by free memory, so the batching (and with
+        # it the last bits of a convolution's result) could change from run to run; Adam's first steps amplify that
         lat = torch.cat([vae.encode(images[i:i + 1, ..., :3].clone()).float() for i in range(images.shape[0])])
     return model.model.process_latent_in(lat.detach().clone())
 
