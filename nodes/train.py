@@ -38,10 +38,11 @@ def _weight(default: float, tip: str, high: float = 10.0):
 
 class PersonalizeLoRATrainer:
     DESCRIPTION = ("Trains a LoRA on the attention layers of an SD1.x/SD2.x/SDXL model from 1-4 subject images "
-                   "(DreamBooth-LoRA), optionally with a new token embedding [V] (textual inversion), with the SuDe term (the subject inherits its class's attributes) and the PALP term "
-                   "(stays aligned with target prompts). Saves the LoRA to models/loras (loads with the stock LoRA "
-                   "loaders), the token to models/embeddings (use it in prompts as embedding:<save_name>) and a resumable state "
-                   "to output/personalize_train; Cancel leaves all of them usable.")
+                   "(DreamBooth-LoRA), optionally with a new token embedding [V] (textual inversion), with the SuDe term "
+                   "(the subject inherits its class's attributes) and the PALP term (stays aligned with target "
+                   "prompts). Saves the LoRA to models/loras (loads with the stock LoRA loaders), the token to "
+                   "models/embeddings (use it in prompts as embedding:<save_name>) and a resumable state to "
+                   "output/personalize_train; Cancel leaves all of them usable.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "IMAGE", "CLIP", "STRING")
     RETURN_NAMES = ("model", "lora_name", "loss_curve", "validation", "clip", "subject")
@@ -125,8 +126,8 @@ class PersonalizeLoRATrainer:
         name = _safe_name(save_name)
         prompts = tuple(p.strip() for p in palp_prompts.splitlines() if p.strip())
         if any(w in p.split() for p in prompts for w in (subject_token, f"embedding:{name}")):
-            raise ValueError(f"PALP target prompts must be clean (no '{subject_token}'): they describe what the frozen "
-                             "model should draw, e.g. 'a sketch of a dog'")
+            raise ValueError(f"PALP target prompts must be clean (no '{subject_token}', no 'embedding:{name}'): they "
+                             "describe what the frozen model should draw, e.g. 'a sketch of a dog'")
         subject = f"embedding:{name}" if train_token else subject_token
         config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, token=subject,
                              train_token=train_token, token_learning_rate=token_learning_rate,
