@@ -228,7 +228,7 @@ class Trainer:
             targets = self.context([cfg.palp_prompts[i] for i in target_idx])
             on_x += [xh_t, xh_t]
             on_t += [t, t]
-            on_ctx += [self.context([instance] * B), empty]
+            on_ctx += [cond.detach(ctx_inst), empty]  # same prompt, same token: no second text-encoder pass
         if on_x:
             with torch.no_grad():
                 on = self._predict(torch.cat(on_x), torch.cat(on_t), cond.cat(on_ctx)).chunk(len(on_x))
