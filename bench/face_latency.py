@@ -1,7 +1,7 @@
 """Face-analysis latency on CPU with real-size random-weight models, and the import cost of onnxruntime.
 
 - Writes a random-weight pack (devtools/tiny_onnx_faces.py --bench: iResNet100 = glintr100's architecture, and an
-  SCRFD-10G-like detector) into a temporary insightface folder, loads it with models/face.py and times, per image:
+  SCRFD-10G-like detector) into a temporary insightface folder, loads it with models/face/ and times, per image:
   detection at 640 (network alone and with decoding + NMS), alignment (112 crop), recognition.
   Random weights: the detector's scores are meaningless, so recognition runs on fixed keypoints.
 - Times ``import models.face`` in fresh interpreters (torch and numpy already imported, as inside ComfyUI) with

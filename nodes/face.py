@@ -1,4 +1,4 @@
-"""Face analysis nodes. Thin: detection, alignment and embeddings are in models/face.py (onnxruntime, no insightface,
+"""Face analysis nodes. Thin: detection, alignment and embeddings are in models/face/ (onnxruntime, no insightface,
 no opencv). onnxruntime is imported when a model pack is loaded, so the pack loads without it."""
 from __future__ import annotations
 

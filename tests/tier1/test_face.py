@@ -1,4 +1,4 @@
-"""Face analysis on onnxruntime (models/face.py) with the tiny stand-in models of devtools/tiny_onnx_faces.py.
+"""Face analysis on onnxruntime (models/face/) with the tiny stand-in models of devtools/tiny_onnx_faces.py.
 
 The blob detector's boxes are exact by construction (a white square of side 3*s on the s-grid is one face whose box
 is the square), so boxes, keypoints and crops are checked exactly. Parity with insightface, OpenCV and scikit-image
@@ -281,7 +281,7 @@ def test_provider_failing_at_session_creation_is_reported(monkeypatch, caplog, r
 
     fake = types.SimpleNamespace(InferenceSession=Session, SessionOptions=lambda: types.SimpleNamespace(),
                                  get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(face, "import_onnxruntime", lambda: fake)
+    monkeypatch.setattr(face.runtime, "import_onnxruntime", lambda: fake)  # looked up by runtime.create_session
     with caplog.at_level(logging.WARNING, logger="personalize"):
         s = face.create_session("x.onnx", "CUDA")
     assert s.requested == ["CUDAExecutionProvider", "CPUExecutionProvider"]
