@@ -40,27 +40,30 @@ def reconstruction_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tens
 prior_preservation_loss = reconstruction_loss
 
 
+def _sude_scale(t: torch.Tensor, schedule: NoiseSchedule, variance_eps: float) -> torch.Tensor:
+    """coef1_t^2 (1/abar_t - 1) / (2 sigma_t^2 + eps), float64 ``(B,)``: turns eps-space squared differences into
+    SuDe's posterior-mean ones over the variance. Computed from the float64 schedule: at small t, ``1/abar - 1``
+    cancels in float32 (2.5e-5 relative at t = 1); the reference code precomputes its schedule buffers in float64
+    (CompVis ``register_schedule``, numpy) too."""
+    coef1, sigma2 = schedule.posterior_coefficients(t)
+    return coef1 ** 2 * schedule.sqrt_recipm1(t) ** 2 / (2 * sigma2 + variance_eps)
+
+
 def sude_log_ratio(eps_s: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor, t: torch.Tensor,
                    schedule: NoiseSchedule, variance_eps: float = SUDE_VARIANCE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, L_ref) of SuDe per sample, computed through the posterior means as the reference does.
+    """(L, L_ref) of SuDe per sample, as the reference defines them through the posterior means.
 
     ``mu(eps) = coef1 x0-hat(eps) + coef2 x_t``; the x_t parts cancel in the differences, so
     ``mu_a - mu_b = -coef1 sqrt(1/abar - 1) (eps_a - eps_b)``.
     ``L = (mean((mu_s - mu_c)^2) - mean((mu_s - mu_u)^2)) / (2 sigma_t^2 + eps)`` is -log p(class | x_{t-1} = mu_s)
     of the implicit classifier up to constants; ``L_ref = -mean((mu_c - mu_u)^2) / (2 sigma_t^2 + eps)`` is the same
-    for the class branch's own sample (the truncation threshold). Requires t >= 1.
+    for the class branch's own sample (the truncation threshold). Requires t >= 1. The per-t factor is computed in
+    float64 and cast once (:func:`_sude_scale`).
     """
     eps_s, eps_c, eps_u = eps_s.float(), eps_c.float(), eps_u.float()
-    coef1, sigma2 = schedule.posterior(t, eps_s)
-    abar = schedule.abar(t, eps_s)
-    scale = coef1 * (1 / abar - 1).sqrt()  # |d mu / d eps|
-    d_sc = scale * (eps_s - eps_c)
-    d_su = scale * (eps_s - eps_u)
-    d_cu = scale * (eps_c - eps_u)
-    denom = (2 * sigma2 + variance_eps).reshape(-1)
-    loss = (_per_sample_mean(d_sc ** 2) - _per_sample_mean(d_su ** 2)) / denom
-    ref = (0 - _per_sample_mean(d_cu ** 2)) / denom
-    return loss, ref
+    k = _sude_scale(t, schedule, variance_eps).to(device=eps_s.device, dtype=eps_s.dtype)
+    msc, msu, mcu = (_per_sample_mean((a - b) ** 2) for a, b in ((eps_s, eps_c), (eps_s, eps_u), (eps_c, eps_u)))
+    return k * (msc - msu), -k * mcu
 
 
 def sude_loss(eps_s: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
@@ -81,9 +84,10 @@ def sude_loss(eps_s: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor, t: 
     valid = t >= 1
     t_safe = torch.where(valid, t, torch.ones_like(t))
     loss, ref = sude_log_ratio(eps_s, eps_c.detach(), eps_u.detach(), t_safe, schedule, variance_eps)
-    coef1, _ = schedule.posterior(t_safe, loss)
+    coef1, _ = schedule.posterior_coefficients(t_safe)
+    factor = (weight / coef1).to(device=loss.device, dtype=loss.dtype)
     active = (loss.detach() > ref.detach()) & valid.to(loss.device)
-    return torch.where(active, loss / coef1 * weight, torch.zeros_like(loss))
+    return torch.where(active, loss * factor, torch.zeros_like(loss))
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:

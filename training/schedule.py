@@ -84,18 +84,26 @@ class NoiseSchedule:
     def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x0_from_eps(x_t, eps, self.abar(t, x_t))
 
-    def posterior(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coef1_t, sigma2_t) of q(x_{t-1} | x_t, x0) = N(coef1 x0 + coef2 x_t, sigma2), for t >= 1
-        (DDPM Eq. 7; CompVis ``register_schedule``: posterior_mean_coef1, posterior_variance)."""
-        t = t.detach().cpu().long()
+    def posterior_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef1_t, sigma2_t), float64 ``(B,)``, of q(x_{t-1} | x_t, x0) = N(coef1 x0 + coef2 x_t, sigma2), for
+        t >= 1 (DDPM Eq. 7; CompVis ``register_schedule``: posterior_mean_coef1, posterior_variance)."""
+        t = t.detach().cpu().long().reshape(-1)
         if bool((t < 1).any()):
             raise ValueError("the DDPM posterior needs t >= 1 (at t = 0 its variance is 0)")
         ac = self.alphas_cumprod
         a_t, a_prev = ac[t], ac[t - 1]
         beta = 1 - a_t / a_prev
-        coef1 = beta * a_prev.sqrt() / (1 - a_t)
-        sigma2 = beta * (1 - a_prev) / (1 - a_t)
+        return beta * a_prev.sqrt() / (1 - a_t), beta * (1 - a_prev) / (1 - a_t)
+
+    def posterior(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`posterior_coefficients` broadcast against ``like`` (its dtype and device)."""
+        coef1, sigma2 = self.posterior_coefficients(t)
         return _bcast(coef1, like), _bcast(sigma2, like)
+
+    def sqrt_recipm1(self, t: torch.Tensor) -> torch.Tensor:
+        """sqrt(1 / abar_t - 1), float64 ``(B,)`` (|d x0-hat / d eps|; CompVis ``sqrt_recipm1_alphas_cumprod``)."""
+        ac = self.alphas_cumprod[t.detach().cpu().long().reshape(-1)]
+        return (1 / ac - 1).sqrt()
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
