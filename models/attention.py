@@ -1,25 +1,40 @@
-"""Decoupled cross-attention math (IP-Adapter, Ye et al. 2023, Eq. 5), host-free.
+"""Attention math and the patch protocol every method implements, host-free.
 
 Shapes follow ComfyUI's attention patch convention: ``q`` is ``[B, N, heads * dim_head]`` (already projected and
-head-merged), image keys/values ``[B, T, heads * dim_head]``. The text branch is computed by the host; these
-functions return the image branch, which the host adds to the text branch before ``to_out``.
+head-merged), keys/values ``[B, T, heads * dim_head]``. The text branch is computed by the host; a patch returns what
+it adds to the attention output before ``to_out`` (IP-Adapter's decoupled image branch, Ye et al. 2023, Eq. 5;
+PuLID's ID branch with its orthogonal projection, Guo et al. 2024).
+
+The protocol (:class:`SitePatch`): a host (the ComfyUI glue in ``nodes/comfy/sites.py``, a diffusers attention
+processor in ``models/diffusers_host.py``) owns one object per cross-attention site and asks each patch put there
+- ``active(index)``: does the patch act at the site with this index (the site's position in diffusers'
+  ``unet.attn_processors`` order, which IP-Adapter and PuLID checkpoints number their layers by)?
+- ``delta(index, q, out, call)``: what it adds to ``out`` (the attention output so far) for the query ``q``;
+- ``drop_caches()``: forget tensors cached per device (the host moved the model).
+:class:`TokenPatch` holds what every token-based method shares: the conditional / unconditional tokens cached per
+device and dtype, the rows of a batch laid out as ComfyUI's ``cond_or_uncond`` chunks, and a spatial mask resized
+once per resolution.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-# ``embeds_scaling`` modes popularised by ComfyUI_IPAdapter_plus (not part of the paper; anchor-packs.md §1.5):
+# ``embeds_scaling`` modes popularised by ComfyUI_IPAdapter_plus (``IPAdapterPlus.py``, ``embeds_scaling``); not part
+# of the IP-Adapter paper:
 #   "V only"            out_ip * w                      (same as scaling V by w: attention is linear in V)
 #   "K+V"               attention(q, w*K, w*V)
 #   "K+V w/ C penalty"  w := w * C / 1280 first, C the layer width, then K+V
 EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty")
 # Width that gets no penalty in "K+V w/ C penalty": the widest SD1.5 / SDXL UNet level (1280 channels).
 C_PENALTY_REFERENCE_WIDTH = 1280.0
+# Resized masks kept per patch (one per resolution, batch and chunk layout); a sampler uses a handful.
+MASK_CACHE_SIZE = 32
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -48,3 +63,117 @@ def ip_attention(
     elif scaling != "K+V":
         raise ValueError(f"unknown embeds_scaling {scaling!r}; expected one of {EMBEDS_SCALING}")
     return attn(q, k_ip * weight, v_ip * weight, heads)
+
+
+def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
+    """Height and width of the token grid of a UNet level with ``seq_len`` tokens.
+
+    Each UNet downsample is a stride-2 3x3 convolution with padding 1, so sizes go ``h -> ceil(h / 2)``.
+    """
+    h, w = latent_hw
+    while h * w > seq_len:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != seq_len:
+        raise ValueError(f"cannot place {seq_len} attention tokens on a latent of {latent_hw[0]}x{latent_hw[1]}")
+    return h, w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The patch protocol
+
+
+@dataclass(frozen=True)
+class SiteCall:
+    """What the host says about one attention call at a site.
+
+    ``chunks``: the batch layout, ComfyUI's ``cond_or_uncond`` (0 = cond, 1 = uncond; one chunk of
+    ``B / len(chunks)`` rows each; anything else, e.g. InstructPix2Pix's third chunk, counts as cond).
+    ``attn``: the host's attention kernel. ``latent_hw``: the latent's height and width in this model call (needed
+    to place a spatial mask on the tokens), None when the host does not know it.
+    """
+
+    heads: int
+    chunks: Sequence[int]
+    attn: AttentionFn = attention
+    latent_hw: tuple[int, int] | None = None
+
+
+class SitePatch:
+    """What an attention site asks of a patch; every method's patch implements these three."""
+
+    def active(self, index: int) -> bool:
+        raise NotImplementedError
+
+    def delta(self, index: int, q: torch.Tensor, out: torch.Tensor | None, call: SiteCall) -> torch.Tensor | None:
+        """What the patch adds to ``out`` (the attention output so far, ``[B, N, C]``) at site ``index``; None when
+        it does nothing there."""
+        raise NotImplementedError
+
+    def drop_caches(self) -> None:
+        """Forget per-device caches (the host moved the model)."""
+
+
+class TokenPatch(SitePatch):
+    """The shared parts of a patch that attends to extra tokens (IP-Adapter image tokens, PuLID ID tokens).
+
+    ``tokens`` maps a name to ``(cond, uncond)`` tokens ``[1, T, C]`` (the unconditional ones are what the method
+    was trained with for the negative pass). ``mask`` ``[frames or 1, H, W]`` (any size, stretched to the latent)
+    limits the patch to a region. Tokens and resized masks are cached per device, dtype and resolution, so the
+    per-layer call does no host sync and no repeated work.
+    """
+
+    def __init__(self, tokens: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None):
+        for name, (cond, uncond) in tokens.items():
+            if cond.shape != uncond.shape:
+                raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ"
+                                 + (f" ({name})" if name not in (None, False) else ""))
+        self.tokens = dict(tokens)
+        self.mask = None if mask is None else (mask if mask.ndim == 3 else mask.reshape(-1, *mask.shape[-2:]))
+        self._token_cache: dict = {}
+        self._mask_cache: dict = {}
+
+    def stacked_tokens(self, name: Hashable, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[2, T, C]`` on ``device``: row 0 the cond tokens, row 1 the uncond ones (cached)."""
+        key = (name, device, dtype)
+        t = self._token_cache.get(key)
+        if t is None:
+            c, u = self.tokens[name]
+            t = torch.cat([c, u]).to(device=device, dtype=dtype)
+            self._token_cache[key] = t
+        return t
+
+    @staticmethod
+    def batch_rows(pair: torch.Tensor, chunks: Sequence[int], batch: int) -> torch.Tensor:
+        """``pair`` ``[2, ...]`` (row 0 cond, row 1 uncond) laid out as the batch: ``[len(chunks) * batch, ...]``.
+        Built from views, with no index tensor, so no host-to-device copy per layer call."""
+        rows = [1 if c == 1 else 0 for c in chunks]
+        if batch == 1 and rows in ([0], [0, 1]):
+            return pair[: len(rows)]
+        return torch.cat([pair[r : r + 1].expand(batch, *pair.shape[1:]) for r in rows])
+
+    def drop_caches(self) -> None:
+        self._token_cache.clear()
+        self._mask_cache.clear()
+
+    def resized_mask(self, grid: tuple[int, int], batch: int, chunks: Sequence[int], device, dtype) -> torch.Tensor:
+        """The mask on this level's token grid: ``[len(chunks) * batch, h*w, 1]``, cached per resolution."""
+        key = (grid, batch, tuple(chunks), device, dtype)
+        m = self._mask_cache.get(key)
+        if m is None:
+            mask = self.mask
+            if mask.shape[0] not in (1, batch):
+                raise ValueError(f"the attention mask has {mask.shape[0]} frames but the latent batch has {batch}: "
+                                 f"give one mask, or one per latent")
+            m = F.interpolate(mask[:, None].to(device=device, dtype=torch.float32), size=grid, mode="bilinear", align_corners=False)
+            m = m.reshape(m.shape[0], -1, 1).expand(batch, -1, -1).repeat(len(chunks), 1, 1).to(dtype)
+            if len(self._mask_cache) > MASK_CACHE_SIZE:
+                self._mask_cache.clear()
+            self._mask_cache[key] = m
+        return m
+
+    def masked(self, delta: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        """``delta`` limited to the mask's region (unchanged without a mask or when the host gives no latent size)."""
+        if self.mask is None or call.latent_hw is None:
+            return delta
+        grid = token_grid(tuple(call.latent_hw), delta.shape[1])
+        return delta * self.resized_mask(grid, delta.shape[0] // len(call.chunks), call.chunks, delta.device, delta.dtype)

@@ -1,24 +1,24 @@
-"""IP-Adapter (Ye et al. 2023, arXiv:2308.06721): image projection models, checkpoint family detection, and the
-host-free per-layer contribution used by every host (ComfyUI glue, diffusers processor).
+"""IP-Adapter (Ye et al. 2023, arXiv:2308.06721): image projection models, the family registry, checkpoint family
+detection, and the host-free per-layer patch used by every host (ComfyUI glue, diffusers processor).
 
-Official checkpoints hold two parts (research/methods.md §1.2, anchor-packs.md §1.4):
-``image_proj`` (one of the projection models below) and ``ip_adapter`` with ``f"{2k+1}.to_k_ip.weight"`` /
-``".to_v_ip.weight"`` of shape ``[layer_width, cross_attention_dim]`` for the k-th cross-attention site in diffusers
-order (see models/layers.py). The family is read from keys and shapes only, never from the file name.
+Official checkpoints (tencent-ailab/IP-Adapter ``ip_adapter/ip_adapter.py`` ``IPAdapter.load_ip_adapter``; the
+h94/IP-Adapter and h94/IP-Adapter-FaceID files) hold two parts: ``image_proj`` (one of the projection models below)
+and ``ip_adapter`` with ``f"{2k+1}.to_k_ip.weight"`` / ``".to_v_ip.weight"`` of shape ``[layer_width,
+cross_attention_dim]`` for the k-th cross-attention site in diffusers order (see models/layers.py). The family is read
+from keys and shapes only, never from the file name.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionFn, attention, ip_attention
+from .attention import SiteCall, TokenPatch, attention, ip_attention
 from .checkpoints import CheckpointError, load_file, split_prefixes
-from .layers import LAYOUT_NAMES, LAYOUTS
+from .layers import LAYOUT_NAMES, LAYOUT_TRANSFORMERS, LAYOUTS, Site, Transformer
 
 # Prefixes of the two parts in flat (.safetensors) files; ComfyUI_IPAdapter_plus also accepts "adapter_modules.".
 CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter.", "adapter_modules.")}
@@ -26,6 +26,8 @@ CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter."
 RESAMPLER_DIM_HEAD = 64
 # ArcFace embedding width: a projection that takes 512-d input is a FaceID model (insightface buffalo_l/antelopev2).
 ARCFACE_DIM = 512
+# FaceID Portrait models are the FaceID MLP with 16 tokens (h94/IP-Adapter-FaceID: portrait-v11_sd15, portrait_sdxl).
+PORTRAIT_TOKENS = 16
 
 # What a user should load for a given CLIP feature width (OpenCLIP checkpoints used by the official adapters).
 CLIP_VISION_BY_WIDTH = {
@@ -34,26 +36,6 @@ CLIP_VISION_BY_WIDTH = {
     ("penultimate", 1280): "ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
     ("penultimate", 1664): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
 }
-
-FAMILIES = ("base", "plus", "full-face", "faceid", "faceid-plus", "faceid-portrait-unnorm")
-FACEID_FAMILIES = ("faceid", "faceid-plus", "faceid-portrait-unnorm")
-# CLIP vision output each family consumes: the projected embedding, or the penultimate layer's hidden states
-# (FaceID Plus: of the aligned face crop); None: no CLIP input.
-FAMILY_FEATURE = {"base": "image_embeds", "plus": "penultimate", "full-face": "penultimate", "faceid": None,
-                  "faceid-plus": "penultimate", "faceid-portrait-unnorm": None}
-# ArcFace embedding each FaceID family was trained on: insightface ``normed_embedding`` or the raw ``embedding``
-# (Portrait unnorm; ComfyUI_IPAdapter_plus feeds it one raw embedding per image).
-FACE_EMBEDDING = {"faceid": "normed", "faceid-plus": "normed", "faceid-portrait-unnorm": "raw"}
-FAMILY_DESCRIPTION = {
-    "base": "IP-Adapter (base / light / vit-G)",
-    "plus": "IP-Adapter Plus (Plus, Plus-face, composition)",
-    "full-face": "IP-Adapter Full-face",
-    "faceid": "IP-Adapter FaceID",
-    "faceid-plus": "IP-Adapter FaceID Plus (v1 / v2)",
-    "faceid-portrait-unnorm": "IP-Adapter FaceID Portrait unnorm",
-}
-# FaceID Portrait models are the FaceID MLP with 16 tokens (h94/IP-Adapter-FaceID: portrait-v11_sd15, portrait_sdxl).
-PORTRAIT_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,6 +157,65 @@ class FaceIDPlusProjModel(FaceIDProjModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The family registry: what each adapter family takes and how its projection is called. Detection, the nodes and
+# the error messages read these entries; a new family is one entry here plus its key pattern in detect_family.
+
+
+def _project_clip(proj: nn.Module, features: torch.Tensor, clip, shortcut) -> torch.Tensor:
+    return proj(features)  # CLIP image_embeds [N, C] or hidden states [N, 257, C]
+
+
+def _project_face(proj: nn.Module, ids: torch.Tensor, clip, shortcut) -> torch.Tensor:
+    return proj(ids)  # ArcFace [N, 512]
+
+
+def _project_face_sequence(proj: nn.Module, ids: torch.Tensor, clip, shortcut) -> torch.Tensor:
+    return proj(ids[:, None])  # each face is a one-token sequence for the Resampler
+
+
+def _project_face_and_crop(proj: nn.Module, ids: torch.Tensor, clip: torch.Tensor, shortcut) -> torch.Tensor:
+    return proj(ids, clip, shortcut)  # ArcFace + CLIP hidden states of the aligned face crop
+
+
+@dataclass(frozen=True)
+class Family:
+    """One IP-Adapter family, declared once."""
+
+    name: str
+    description: str
+    projection: type[nn.Module]  # built from AdapterSpec.proj_config
+    project: Callable[..., torch.Tensor]  # (projection, features, clip, shortcut) -> tokens [N, T, cross_dim]
+    clip_feature: str | None  # CLIP vision output it takes: "image_embeds", "penultimate" (hidden states) or None
+    face_embedding: str | None = None  # ArcFace embedding it was trained on: "normed", "raw"; None: not a FaceID family
+    clip_of_face_crop: bool = False  # the CLIP input is the aligned face crop (FaceID Plus), not the reference image
+    shortcut_versions: bool = False  # v1 / v2 files share one layout; v2 adds the ID tokens back (FaceID Plus)
+    trained_with_lora: bool = False  # released with a companion LoRA (h94/IP-Adapter-FaceID *_lora.safetensors)
+
+    @property
+    def is_faceid(self) -> bool:
+        return self.face_embedding is not None
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("base", "IP-Adapter (base / light / vit-G)", ImageProjModel, _project_clip, "image_embeds"),
+    Family("plus", "IP-Adapter Plus (Plus, Plus-face, composition)", Resampler, _project_clip, "penultimate"),
+    Family("full-face", "IP-Adapter Full-face", MLPProjModel, _project_clip, "penultimate"),
+    # insightface ``normed_embedding`` (h94/IP-Adapter-FaceID model card), trained with a LoRA
+    Family("faceid", "IP-Adapter FaceID", FaceIDProjModel, _project_face, None, face_embedding="normed",
+           trained_with_lora=True),
+    # the FaceID MLP with PORTRAIT_TOKENS tokens, no LoRA (ip-adapter-faceid-portrait-v11_sd15, -portrait_sdxl)
+    Family("faceid-portrait", "IP-Adapter FaceID Portrait", FaceIDProjModel, _project_face, None,
+           face_embedding="normed"),
+    Family("faceid-plus", "IP-Adapter FaceID Plus (v1 / v2)", FaceIDPlusProjModel, _project_face_and_crop,
+           "penultimate", face_embedding="normed", clip_of_face_crop=True, shortcut_versions=True,
+           trained_with_lora=True),
+    # a Resampler over the raw ArcFace ``embedding`` (ComfyUI_IPAdapter_plus feeds it one raw embedding per image)
+    Family("faceid-portrait-unnorm", "IP-Adapter FaceID Portrait unnorm", Resampler, _project_face_sequence, None,
+           face_embedding="raw"),
+)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Family detection
 
 
@@ -182,7 +223,7 @@ class FaceIDPlusProjModel(FaceIDProjModel):
 class AdapterSpec:
     """What a checkpoint is, read from its keys and shapes."""
 
-    family: str  # one of FAMILIES
+    family: str  # a key of FAMILIES
     layout: str  # "sd15" | "sdxl"
     cross_dim: int  # text/image token width the UNet's to_k/to_v take (768 SD1.5, 2048 SDXL)
     clip_dim: int  # width of the CLIP feature the projection takes (0: none)
@@ -193,12 +234,16 @@ class AdapterSpec:
     has_lora: bool = False  # the file carries the FaceID LoRA (to_q_lora ...) next to the image layers
 
     @property
+    def info(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
     def feature(self) -> str | None:
-        return FAMILY_FEATURE[self.family]
+        return self.info.clip_feature
 
     @property
     def is_faceid(self) -> bool:
-        return self.family in FACEID_FAMILIES
+        return self.info.is_faceid
 
     @property
     def expected_clip_vision(self) -> str:
@@ -206,16 +251,31 @@ class AdapterSpec:
 
     @property
     def name(self) -> str:
-        if self.family == "faceid" and self.tokens == PORTRAIT_TOKENS:
-            return "IP-Adapter FaceID Portrait"
-        return FAMILY_DESCRIPTION[self.family]
+        return self.info.description
 
     def describe(self) -> str:
         inputs = f"CLIP {self.feature} width {self.clip_dim}" if self.feature else ""
         if self.is_faceid:
-            inputs = f"ArcFace {FACE_EMBEDDING[self.family]} embedding" + (f" + {inputs}" if inputs else "")
+            inputs = f"ArcFace {self.info.face_embedding} embedding" + (f" + {inputs}" if inputs else "")
         return f"{self.name} for {LAYOUT_NAMES[self.layout]} ({len(self.widths)} layers, cross-attention width {self.cross_dim}, {inputs})"
 
+
+def check_model(spec: AdapterSpec, transformers: list[Transformer], sites: list[Site], context_dim: int) -> None:
+    """Raise unless the adapter was made for a UNet with these transformers, sites and context width (what a host
+    found in its model), saying what was found and what to load instead."""
+    layout = next((name for name, t in LAYOUT_TRANSFORMERS.items() if list(t) == transformers), None)
+    model_name = LAYOUT_NAMES.get(layout, f"a UNet with {len(sites)} cross-attention layers")
+    if layout != spec.layout or len(sites) != len(spec.widths):
+        raise ValueError(f"adapter/model mismatch: the IP-Adapter is for {LAYOUT_NAMES[spec.layout]} ({len(spec.widths)} layers) "
+                         f"but the model is {model_name}. Load an {model_name} IP-Adapter "
+                         f"(e.g. {'ip-adapter_sd15.safetensors' if layout == 'sd15' else 'ip-adapter_sdxl_vit-h.safetensors'}).")
+    widths = [0] * len(sites)
+    for s in sites:
+        widths[s.adapter_index] = s.width
+    if tuple(widths) != spec.widths or context_dim != spec.cross_dim:
+        raise ValueError(f"adapter/model mismatch: the IP-Adapter's layers take width {spec.cross_dim} and produce "
+                         f"{sorted(set(spec.widths))}, the model's cross-attention takes {context_dim} and has "
+                         f"{sorted(set(widths))}: this adapter belongs to another {LAYOUT_NAMES[spec.layout]} model family")
 
 def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:
@@ -293,7 +353,7 @@ def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, tor
         id_dim = int(image_proj["proj.0.weight"].shape[1])
         out_dim = int(_require(image_proj, "norm.weight", "FaceID").shape[0])
         tokens = int(image_proj["proj.2.weight"].shape[0]) // out_dim
-        family, clip_dim = "faceid", 0
+        family, clip_dim = ("faceid-portrait" if tokens == PORTRAIT_TOKENS else "faceid"), 0
         cfg = dict(id_dim=id_dim, cross_dim=out_dim, tokens=tokens, hidden=int(image_proj["proj.0.weight"].shape[0]))
     else:
         raise CheckpointError("unknown image_proj layout (keys: " + ", ".join(sorted(image_proj)[:8]) + ")")
@@ -321,10 +381,7 @@ class IPAdapterModel(nn.Module):
     def __init__(self, spec: AdapterSpec):
         super().__init__()
         self.spec = spec
-        cfg = spec.proj_config
-        build = {"plus": Resampler, "faceid-portrait-unnorm": Resampler, "full-face": MLPProjModel, "base": ImageProjModel,
-                 "faceid": FaceIDProjModel, "faceid-plus": FaceIDPlusProjModel}[spec.family]
-        self.image_proj = build(**cfg)
+        self.image_proj = spec.info.projection(**spec.proj_config)
         self.ip_layers = nn.ModuleList([IPLayer(spec.cross_dim, w) for w in spec.widths])
 
     @classmethod
@@ -353,27 +410,24 @@ class IPAdapterModel(nn.Module):
         embeddings ``[N, 512]``; ``clip``: FaceID Plus only, the CLIP hidden states of the aligned faces;
         ``shortcut_scale``: FaceID Plus v2's weight of the ID tokens added back (None: v1, no shortcut).
         """
-        spec = self.spec
+        spec, family = self.spec, self.spec.info
         p = next(self.image_proj.parameters())
-        if spec.is_faceid:
+        if family.is_faceid:
             if features.ndim != 2 or features.shape[-1] != spec.id_dim:
                 raise ValueError(f"{spec.name} takes ArcFace embeddings of width {spec.id_dim}, got shape {tuple(features.shape)}")
-            ids = features.to(p.device, p.dtype)
-            if spec.family == "faceid":
-                return self.image_proj(ids)
-            if spec.family == "faceid-portrait-unnorm":
-                return self.image_proj(ids[:, None])  # each face is a one-token sequence
-            if clip is None or clip.ndim != 3 or clip.shape[-1] != spec.clip_dim or clip.shape[0] != ids.shape[0]:
-                raise ValueError(f"{spec.name} needs the CLIP penultimate hidden states (width {spec.clip_dim}) of each "
-                                 f"face crop, got {None if clip is None else tuple(clip.shape)}: use {spec.expected_clip_vision}")
-            return self.image_proj(ids, clip.to(p.device, p.dtype), shortcut_scale)
-        expected_rank = 2 if spec.feature == "image_embeds" else 3
-        if features.ndim != expected_rank or features.shape[-1] != spec.clip_dim:
-            raise ValueError(
-                f"{spec.describe()} takes CLIP {spec.feature} of width {spec.clip_dim}, got a tensor of "
-                f"shape {tuple(features.shape)}: use {spec.expected_clip_vision}"
-            )
-        return self.image_proj(features.to(p.device, p.dtype))
+            if family.clip_of_face_crop:
+                if clip is None or clip.ndim != 3 or clip.shape[-1] != spec.clip_dim or clip.shape[0] != features.shape[0]:
+                    raise ValueError(f"{spec.name} needs the CLIP penultimate hidden states (width {spec.clip_dim}) of each "
+                                     f"face crop, got {None if clip is None else tuple(clip.shape)}: use {spec.expected_clip_vision}")
+                clip = clip.to(p.device, p.dtype)
+        else:
+            expected_rank = 2 if spec.feature == "image_embeds" else 3
+            if features.ndim != expected_rank or features.shape[-1] != spec.clip_dim:
+                raise ValueError(
+                    f"{spec.describe()} takes CLIP {spec.feature} of width {spec.clip_dim}, got a tensor of "
+                    f"shape {tuple(features.shape)}: use {spec.expected_clip_vision}"
+                )
+        return family.project(self.image_proj, features.to(p.device, p.dtype), clip, shortcut_scale)
 
 
 def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], part: str) -> None:
@@ -450,26 +504,13 @@ def project_images(
 # One application of an adapter to a model, host-free
 
 
-def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
-    """Height and width of the token grid of a UNet level with ``seq_len`` tokens.
-
-    Each UNet downsample is a stride-2 3x3 convolution with padding 1, so sizes go ``h -> ceil(h / 2)``.
-    """
-    h, w = latent_hw
-    while h * w > seq_len:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != seq_len:
-        raise ValueError(f"cannot place {seq_len} attention tokens on a latent of {latent_hw[0]}x{latent_hw[1]}")
-    return h, w
-
-
-class IPAdapterPatch:
-    """Everything one Apply node adds to a model, independent of the host.
+class IPAdapterPatch(TokenPatch):
+    """Everything one Apply node adds to a model, independent of the host (the :class:`~.attention.SitePatch`
+    protocol; the shared token / row / mask handling is :class:`~.attention.TokenPatch`'s).
 
     ``site_weights`` maps adapter index -> (weight, use_alt). Sites missing from it (or with weight 0) are skipped.
-    ``alt`` holds the tokens of the second image of "style and composition".
-    Tokens and resized masks are cached per device/dtype/resolution, so the per-layer call does no host sync and
-    no repeated work.
+    ``alt`` holds the tokens of the second image of "style and composition" (token set ``True``; the main image's
+    is ``False``).
     """
 
     def __init__(
@@ -482,82 +523,29 @@ class IPAdapterPatch:
         alt: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
     ):
-        if cond.shape != uncond.shape:
-            raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ")
+        super().__init__({False: (cond, uncond), **({True: alt} if alt is not None else {})}, mask)
         self.adapter = adapter
-        self.tokens = {False: (cond, uncond)}
-        if alt is not None:
-            self.tokens[True] = alt
         self.site_weights = {k: v for k, v in site_weights.items() if v[0] != 0.0}
         self.scaling = scaling
-        self.mask = None if mask is None else (mask if mask.ndim == 3 else mask.reshape(-1, *mask.shape[-2:]))
-        self._token_cache: dict[Any, torch.Tensor] = {}
-        self._mask_cache: dict[Any, torch.Tensor] = {}
 
-    def active(self, adapter_index: int) -> bool:
-        return adapter_index in self.site_weights
+    def active(self, index: int) -> bool:
+        return index in self.site_weights
 
-    def _stacked_tokens(self, use_alt: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (use_alt, device, dtype)
-        t = self._token_cache.get(key)
-        if t is None:
-            c, u = self.tokens[use_alt]
-            t = torch.cat([c, u]).to(device=device, dtype=dtype)  # [2, T, C]: row 0 cond, row 1 uncond
-            self._token_cache[key] = t
-        return t
-
-    def drop_caches(self) -> None:
-        self._token_cache.clear()
-        self._mask_cache.clear()
-
-    def resized_mask(self, grid: tuple[int, int], batch: int, chunks: list[int], device, dtype) -> torch.Tensor:
-        """The attention mask on this level's token grid: ``[len(chunks) * batch, h*w, 1]``, cached."""
-        key = (grid, batch, tuple(chunks), device, dtype)
-        m = self._mask_cache.get(key)
-        if m is None:
-            mask = self.mask
-            if mask.shape[0] not in (1, batch):
-                raise ValueError(f"the attention mask has {mask.shape[0]} frames but the latent batch has {batch}: "
-                                 f"give one mask, or one per latent")
-            m = F.interpolate(mask[:, None].to(device=device, dtype=torch.float32), size=grid, mode="bilinear", align_corners=False)
-            m = m.reshape(m.shape[0], -1, 1).expand(batch, -1, -1).repeat(len(chunks), 1, 1).to(dtype)
-            if len(self._mask_cache) > 32:
-                self._mask_cache.clear()
-            self._mask_cache[key] = m
-        return m
-
-    def delta(
-        self,
-        adapter_index: int,
-        q: torch.Tensor,
-        heads: int,
-        chunks: list[int],
-        attn: AttentionFn = attention,
-        grid: tuple[int, int] | None = None,
-    ) -> torch.Tensor | None:
-        """The image-attention term of one site for a batch laid out as ``chunks`` (ComfyUI ``cond_or_uncond``:
-        0 = cond, 1 = uncond, one chunk of ``B / len(chunks)`` rows each). ``None`` when the site is off."""
-        wt = self.site_weights.get(adapter_index)
+    def delta(self, index: int, q: torch.Tensor, out: torch.Tensor | None, call: SiteCall) -> torch.Tensor | None:
+        """The image-attention term of one site (``out`` is not used: IP-Adapter adds its branch as it is)."""
+        wt = self.site_weights.get(index)
         if wt is None:
             return None
         weight, use_alt = wt
-        layer = self.adapter.ip_layers[adapter_index]
-        tokens = self._stacked_tokens(use_alt, q.device, q.dtype)
+        layer = self.adapter.ip_layers[index]
+        tokens = self.stacked_tokens(use_alt, q.device, q.dtype)
         wk, wv = layer.to_k_ip.weight, layer.to_v_ip.weight
         if wk.device != q.device or wk.dtype != q.dtype:  # only when the host did not load the adapter for us
             wk, wv = wk.to(q.device, q.dtype), wv.to(q.device, q.dtype)
-        k, v = F.linear(tokens, wk), F.linear(tokens, wv)  # [2, T, width]
-        batch = q.shape[0] // len(chunks)
-        rows = [1 if c == 1 else 0 for c in chunks]  # anything but uncond (e.g. ip2p's third chunk) is cond
-        if batch == 1 and rows in ([0], [0, 1]):
-            ip_k, ip_v = k[: len(rows)], v[: len(rows)]
-        else:  # built from views: no index tensor, so no host->device copy per layer call
-            ip_k = torch.cat([k[r : r + 1].expand(batch, -1, -1) for r in rows])
-            ip_v = torch.cat([v[r : r + 1].expand(batch, -1, -1) for r in rows])
-        out = ip_attention(q, ip_k, ip_v, heads, weight, self.scaling, attn)
-        if self.mask is not None and grid is not None:
-            out = out * self.resized_mask(grid, batch, chunks, q.device, q.dtype)
-        return out
+        batch = q.shape[0] // len(call.chunks)
+        ip_k = self.batch_rows(F.linear(tokens, wk), call.chunks, batch)  # [2, T, width] -> [B, T, width]
+        ip_v = self.batch_rows(F.linear(tokens, wv), call.chunks, batch)
+        return self.masked(ip_attention(q, ip_k, ip_v, call.heads, weight, self.scaling, call.attn), call)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,3 +600,4 @@ class IPAEmbeds:
         if meta.get("format") != EMBEDS_FORMAT or "cond" not in data or "uncond" not in data:
             raise CheckpointError(f"{path} is not an IP-Adapter embeds file saved by this pack (format {meta.get('format')!r})")
         return cls(data["cond"], data["uncond"], meta.get("feature", ""))
+

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tiny_adapters
-from comfyui_personalize.models.attention import attention, ip_attention
+from comfyui_personalize.models.attention import SiteCall, attention, ip_attention, token_grid
 from comfyui_personalize.models.checkpoints import CheckpointError, load_file
 from comfyui_personalize.models.ipadapter import (IPAdapterModel, IPAdapterPatch, IPAEmbeds, combine_features,
-                                                  detect_family, project_images, token_grid)
+                                                  detect_family, project_images)
 from comfyui_personalize.models.layers import (SD15_TRANSFORMERS, SDXL_TRANSFORMERS, layer_weights,
                                                sites_from_transformers)
 
@@ -83,7 +83,7 @@ def with_lora(layers):
 # (image_proj, ip_adapter) of the public FaceID files (h94/IP-Adapter-FaceID) -> (family, tokens, clip_dim, heads)
 FACEID = {
     "ip-adapter-faceid_sd15": (faceid_mlp(4, 768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid", 4, 0, None, True)),
-    "ip-adapter-faceid-portrait-v11_sd15": (faceid_mlp(16, 768), official_layers(SD15_WIDTHS, 768), ("faceid", 16, 0, None, False)),
+    "ip-adapter-faceid-portrait-v11_sd15": (faceid_mlp(16, 768), official_layers(SD15_WIDTHS, 768), ("faceid-portrait", 16, 0, None, False)),
     "ip-adapter-faceid_sdxl": (faceid_mlp(4, 2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid", 4, 0, None, True)),
     "ip-adapter-faceid-plusv2_sd15": (faceid_plus(768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid-plus", 4, 1280, 12, True)),
     "ip-adapter-faceid-plusv2_sdxl": (faceid_plus(2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid-plus", 4, 1280, 32, True)),
@@ -211,20 +211,20 @@ def _patch(mask=None, weights=None):
 def test_patch_cond_uncond_layout():
     patch = _patch()
     q = torch.randn(1, 16, 64)
-    d_cond = patch.delta(0, q, 4, [0])
-    d_uncond = patch.delta(0, q, 4, [1])
-    both = patch.delta(0, torch.cat([q, q]), 4, [1, 0])
+    d_cond = patch.delta(0, q, None, SiteCall(4, [0]))
+    d_uncond = patch.delta(0, q, None, SiteCall(4, [1]))
+    both = patch.delta(0, torch.cat([q, q]), None, SiteCall(4, [1, 0]))
     assert torch.allclose(both[0], d_uncond[0], atol=1e-6) and torch.allclose(both[1], d_cond[0], atol=1e-6)
     assert not torch.allclose(d_cond, d_uncond, atol=1e-3)
-    batch = patch.delta(0, torch.cat([q, q, q, q]), 4, [0, 1])  # 2 latents per chunk
+    batch = patch.delta(0, torch.cat([q, q, q, q]), None, SiteCall(4, [0, 1]))  # 2 latents per chunk
     assert torch.allclose(batch[1], d_cond[0], atol=1e-6) and torch.allclose(batch[3], d_uncond[0], atol=1e-6)
 
 
 def test_patch_skips_zero_and_missing_sites():
     patch = _patch(weights={0: (0.0, False), 1: (1.0, False)})
     q = torch.randn(1, 16, 64)
-    assert patch.delta(0, q, 4, [0]) is None and patch.delta(5, q, 4, [0]) is None
-    assert patch.delta(1, q, 4, [0]) is not None
+    assert patch.delta(0, q, None, SiteCall(4, [0])) is None and patch.delta(5, q, None, SiteCall(4, [0])) is None
+    assert patch.delta(1, q, None, SiteCall(4, [0])) is not None
 
 
 def test_mask_limits_the_image_prompt():
@@ -232,13 +232,13 @@ def test_mask_limits_the_image_prompt():
     mask[:, :, :16] = 1.0  # left half
     patch = _patch(mask=mask)
     q = torch.randn(2, 16, 64)
-    d = patch.delta(0, q, 4, [0, 1], grid=(4, 4)).reshape(2, 4, 4, 64)
+    d = patch.delta(0, q, None, SiteCall(4, [0, 1], latent_hw=(4, 4))).reshape(2, 4, 4, 64)
     assert d[:, :, 2:].abs().max() == 0 and d[:, :, :2].abs().min() > 0
     assert len(patch._mask_cache) == 1
-    patch.delta(0, q, 4, [0, 1], grid=(4, 4))
+    patch.delta(0, q, None, SiteCall(4, [0, 1], latent_hw=(4, 4)))
     assert len(patch._mask_cache) == 1  # resized once per resolution
     with pytest.raises(ValueError, match="frames"):
-        _patch(mask=torch.ones(3, 8, 8)).delta(0, q, 4, [0, 1], grid=(4, 4))
+        _patch(mask=torch.ones(3, 8, 8)).delta(0, q, None, SiteCall(4, [0, 1], latent_hw=(4, 4)))
 
 
 def test_combine_and_concat():

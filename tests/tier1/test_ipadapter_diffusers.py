@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import tiny_adapters
-from comfyui_personalize.models.diffusers_host import apply_ip_adapter
+from comfyui_personalize.models.diffusers_host import install_patch
 from comfyui_personalize.models.ipadapter import IPAdapterModel, IPAdapterPatch, project_images
 
 CROSS_DIM = 32
@@ -79,7 +79,7 @@ def run_both(unet, family, scale, n_images=1, batch=1, seed=0):
     with torch.no_grad():
         tok_c, tok_u = project_images(adapter, cond, uncond, "concat")
         patch = IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)})
-        apply_ip_adapter(ours, patch, chunks=[1, 0])
+        install_patch(ours, patch, len(adapter.spec.widths), chunks=[1, 0])
         out = ours(x, t, encoder_hidden_states=text).sample
         plain = unet(x, t, encoder_hidden_states=text).sample
     return out, out_ref, plain
@@ -140,11 +140,11 @@ def test_faceid_matches_diffusers(unet, family, shortcut, n_images):
 
     ours = copy.deepcopy(unet)
     adapter = IPAdapterModel.from_parts(sd["image_proj"], sd["ip_adapter"])
-    assert adapter.spec.family == ("faceid" if family == "faceid-portrait" else family)
+    assert adapter.spec.family == family
     with torch.no_grad():
         tok_c, tok_u = project_images(adapter, ids, uncond_ids, "concat", clip=(clip_c, clip_u) if plus else None,
                                       shortcut_scale=shortcut)
-        apply_ip_adapter(ours, IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)}), chunks=[1, 0])
+        install_patch(ours, IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)}), 16, chunks=[1, 0])
         out = ours(x, t, encoder_hidden_states=text).sample
         plain = unet(x, t, encoder_hidden_states=text).sample
     assert (out - out_ref).abs().max().item() <= TOL
