@@ -22,6 +22,7 @@ shadow ComfyUI's ``nodes.py``.
 """
 
 import asyncio
+import importlib
 import atexit
 import contextlib
 import logging
@@ -43,6 +44,7 @@ _state = {
     "comfyui_path": None,   # realpath of the bootstrapped checkout
     "work_dir": None,       # temp dir holding output/temp (and custom_nodes)
     "packs": {},            # realpath(repo_root) -> NODE_CLASS_MAPPINGS
+    "pack_modules": {},     # realpath(repo_root) -> the name ComfyUI's loader imported the pack under
     "extras_failed": [],    # comfy_extras files that did not import
 }
 
@@ -279,8 +281,22 @@ def load_pack(repo_root, dir_name=PACK_DIR_NAME):
     if shadowed:
         log.warning("pack node ids already defined by ComfyUI, ignored by the loader: %s", shadowed)
     _state["packs"][root] = mappings
+    if module is not None:
+        _state["pack_modules"][root] = module.__name__
     log.info("loaded pack %s: %d node types", root, len(mappings))
     return mappings
+
+
+def pack_module(repo_root, name):
+    """A module of a pack loaded by :func:`load_pack`, as ComfyUI's loader imported it: ``name`` is relative to the
+    pack (``"nodes.comfy.sites"``, ``"models.ipadapter"``)."""
+    root = os.path.realpath(os.fspath(repo_root))
+    if root not in _state["pack_modules"]:
+        raise ComfyHostError("the pack at {} is not loaded (call load_pack first)".format(root))
+    full = "{}.{}".format(_state["pack_modules"][root], name)
+    if full not in sys.modules:
+        importlib.import_module(full)
+    return sys.modules[full]
 
 
 # ---------------------------------------------------------------------------

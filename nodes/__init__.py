@@ -1,7 +1,8 @@
 """ComfyUI node classes of the pack. Importing this registers the pack's model folders."""
-from . import face, ipadapter, patching, train
+from . import face, ipadapter, train
+from .comfy import folders
 
-patching.register_model_folders()
+folders.register_model_folders()
 
 _ALL = {**ipadapter.NODES, **face.NODES, **train.NODES}
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (_, cls) in _ALL.items()}

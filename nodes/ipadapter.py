@@ -1,4 +1,4 @@
-"""IP-Adapter nodes. Thin: the math is in models/ipadapter.py, the ComfyUI plumbing in nodes/patching.py."""
+"""IP-Adapter nodes. Thin: the math is in models/ipadapter.py, the ComfyUI plumbing in nodes/comfy/."""
 from __future__ import annotations
 
 import logging
@@ -10,10 +10,9 @@ import torch
 import folder_paths
 
 from ..models.attention import EMBEDS_SCALING
-from ..models.ipadapter import (COMBINE_METHODS, FACE_EMBEDDING, PORTRAIT_TOKENS, IPAdapterModel, IPAdapterPatch,
-                                IPAEmbeds, project_images)
+from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
 from ..models.layers import WEIGHT_TYPES, layer_weights
-from . import patching
+from .comfy import folders, sites, unet, vision, weights
 
 log = logging.getLogger("personalize")
 
@@ -73,29 +72,29 @@ class PersonalizeIPAdapterLoader:
                                                 {"tooltip": "File in models/ipadapter, e.g. ip-adapter_sd15.safetensors."})}}
 
     def load(self, ipadapter_file):
-        path = patching.full_path("ipadapter", ipadapter_file, "IP-Adapter")
+        path = folders.full_path("ipadapter", ipadapter_file, "IP-Adapter")
         model = IPAdapterModel.from_file(path).eval().requires_grad_(False)
         log.info("IP-Adapter %s: %s", ipadapter_file, model.spec.describe())
-        return (LoadedIPAdapter(ipadapter_file, model, patching.adapter_patcher(model)),)
+        return (LoadedIPAdapter(ipadapter_file, model, weights.adapter_patcher(model)),)
 
 
 def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_negative=None) -> IPAEmbeds:
     spec = ipadapter.spec
     if image is None or image.shape[0] == 0:
         raise ValueError("IP-Adapter: the reference image batch is empty")
-    width = patching.clip_vision_width(clip_vision, spec.feature)
+    width = vision.clip_vision_width(clip_vision, spec.feature)
     if width != spec.clip_dim:
         raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives {spec.feature} of width {width}, "
                          f"but {spec.describe()} needs width {spec.clip_dim}: load {spec.expected_clip_vision}")
-    cond = patching.encode_clip_vision(clip_vision, image, spec.feature)
+    cond = vision.encode_clip_vision(clip_vision, image, spec.feature)
     if image_negative is not None:
         if image_negative.shape[0] == 0:
             raise ValueError("IP-Adapter: the negative image batch is empty")
-        uncond = patching.encode_clip_vision(clip_vision, image_negative, spec.feature)
+        uncond = vision.encode_clip_vision(clip_vision, image_negative, spec.feature)
     elif spec.feature == "image_embeds":
         uncond = torch.zeros_like(cond[:1])  # official uncond for global-embedding adapters: zero embeddings
     else:
-        uncond = patching.blank_clip_features(clip_vision, spec.feature)
+        uncond = vision.blank_clip_features(clip_vision, spec.feature)
     return IPAEmbeds(cond, uncond, spec.feature)
 
 
@@ -158,22 +157,22 @@ class _ApplyBase:
         """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
         if start_at > end_at:
             raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
-        transformers, sites, context_dim = patching.discover_sites(model)
-        patching.check_compatible(ipadapter.model, transformers, sites, context_dim)
+        transformers, model_sites, context_dim = unet.discover_sites(model)
+        check_model(ipadapter.spec, transformers, model_sites, context_dim)
         mask = _check_mask(attn_mask)
-        patching.prepare_adapter(ipadapter.patcher, patching.compute_dtype(model))
+        weights.prepare_adapter(ipadapter.patcher, unet.compute_dtype(model))
         with torch.no_grad():
             tokens = project()
             alt = project_alt() if project_alt is not None else None
         per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
         site_weights = {s.adapter_index: per_transformer[s.transformer_index]
-                        for s in sites if s.transformer_index in per_transformer}
+                        for s in model_sites if s.transformer_index in per_transformer}
         patch = IPAdapterPatch(ipadapter.model, *_stored(tokens), site_weights, embeds_scaling,
                                alt=_stored(alt) if alt else None, mask=mask)
-        sigma_start, sigma_end = patching.sigma_window(model, start_at, end_at)
-        out = patching.apply_patch(model, patch, ipadapter.patcher, sites, transformers, sigma_start, sigma_end)
+        sigma_start, sigma_end = sites.sigma_window(model, start_at, end_at)
+        out = sites.install_patch(model, patch, model_sites, transformers, sigma_start, sigma_end, ipadapter.patcher)
         log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
-                 len(patch.site_weights), len(sites), weight_type, weight)
+                 len(patch.site_weights), len(model_sites), weight_type, weight)
         return out
 
 
@@ -279,21 +278,22 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
         if weight == 0:
             log.info("IP-Adapter FaceID weight is 0: model returned unchanged")
             return (model, "weight 0: model unchanged")
-        embedding = FACE_EMBEDDING[spec.family]
-        ids = (face_embeds.normed if embedding == "normed" else face_embeds.embedding).float()
+        family = spec.info
+        ids = (face_embeds.normed if family.face_embedding == "normed" else face_embeds.embedding).float()
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError("IP-Adapter FaceID: no face embeddings (the face batch is empty)")
         info = [spec.describe()]
         clip, shortcut = None, None
-        if spec.family == "faceid-plus":
+        if family.clip_of_face_crop:
             if clip_vision is None:
                 raise ValueError(f"{spec.name} needs clip_vision ({spec.expected_clip_vision}) to encode the face crops")
-            width = patching.clip_vision_width(clip_vision, "penultimate")
+            width = vision.clip_vision_width(clip_vision, "penultimate")
             if width != spec.clip_dim:
                 raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives hidden states of width {width}, "
                                  f"{spec.name} needs {spec.clip_dim}: load {spec.expected_clip_vision}")
-            clip = (patching.encode_clip_vision(clip_vision, face_embeds.crops, "penultimate"),
-                    patching.blank_clip_features(clip_vision, "penultimate"))
+            clip = (vision.encode_clip_vision(clip_vision, face_embeds.crops, "penultimate"),
+                    vision.blank_clip_features(clip_vision, "penultimate"))
+        if family.shortcut_versions:
             version = plus_version if plus_version != PLUS_VERSIONS[0] else (
                 "v2" if PLUS_V2_NAME_HINT in ipadapter.name.lower().replace("-", "").replace("_", "") else "v1")
             shortcut = shortcut_weight if version == "v2" else None
@@ -301,9 +301,9 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
                         + (" from the file name" if plus_version == PLUS_VERSIONS[0] else ""))
         uncond = torch.zeros_like(ids[:1])  # official uncond: the projection of a zero embedding
         if lora_name != FACEID_LORA_NONE:
-            model = patching.apply_lora(model, lora_name, lora_strength)
+            model = weights.apply_lora(model, lora_name, lora_strength)
             info.append(f"LoRA {lora_name} at {lora_strength:g}")
-        elif spec.has_lora or (spec.family in ("faceid", "faceid-plus") and spec.tokens != PORTRAIT_TOKENS):
+        elif spec.has_lora or family.trained_with_lora:
             log.warning("%s was trained with a LoRA; load its *_lora.safetensors in lora_name for full likeness", ipadapter.name)
             info.append("no LoRA (this model was trained with one)")
         out = self._patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask,

@@ -1,5 +1,5 @@
-"""LoRA trainer node (DreamBooth-LoRA with SuDe and PALP terms). Thin: the loop and the losses are in training/,
-the ComfyUI plumbing in nodes/patching.py (section "Training glue")."""
+"""LoRA trainer node (DreamBooth-LoRA with SuDe and PALP terms). Thin: the loop, the losses and the run schedule are in
+training/, the ComfyUI plumbing in nodes/comfy/."""
 from __future__ import annotations
 
 import logging
@@ -7,21 +7,19 @@ import os
 
 import numpy as np
 import torch
+from comfy.model_management import throw_exception_if_processing_interrupted
+from comfy.utils import ProgressBar
 
-import comfy.model_management as mm
-import comfy.utils
-
-from ..training import conditioning, export
+from ..training import export, run
 from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
 from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
-from ..training.sampling import PRIOR_GUIDANCE, ddim_sample
 from ..training.trainer import CLASS_PROMPT, INSTANCE_PROMPT, TrainConfig, Trainer, losses_table
-from . import patching
+from .comfy import denoiser as comfy_denoiser
+from .comfy import folders, text, weights
 
 log = logging.getLogger("personalize")
 
 CATEGORY = "personalize/training"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TARGET_CHOICES = {"attention (q, k, v, out)": ATTENTION_TARGETS,
                   "attention + feed-forward": ATTENTION_TARGETS + EXTRA_TARGETS[:2],
                   "cross-attention only": tuple(t for t in ATTENTION_TARGETS if t.startswith("attn2"))}
@@ -122,7 +120,7 @@ class PersonalizeLoRATrainer:
               batch_size=1, grad_accumulation=1, gradient_checkpointing=False, mixed_precision="no",
               validation_prompt=INSTANCE_PROMPT, validate_every=0, validation_steps=VALIDATION_STEPS, checkpoint_every=100,
               train_token=False, token_learning_rate=TOKEN_LEARNING_RATE):
-        patching.check_trainable(model)
+        comfy_denoiser.check_trainable(model)
         name = _safe_name(save_name)
         prompts = tuple(p.strip() for p in palp_prompts.splitlines() if p.strip())
         if any(w in p.split() for p in prompts for w in (subject_token, f"embedding:{name}")):
@@ -137,36 +135,31 @@ class PersonalizeLoRATrainer:
                              grad_accumulation=grad_accumulation, mixed_precision=mixed_precision,
                              gradient_checkpointing=gradient_checkpointing)
         pixels = _subject_images(images, image_folder)
-        lora_path = os.path.join(patching.first_folder("loras"), name + ".safetensors")
-        state_path = os.path.join(patching.train_folder(), name + ".state.safetensors")
-        embedding_path = os.path.join(patching.first_folder("embeddings"), name + ".safetensors")
+        lora_path = os.path.join(folders.first_folder("loras"), name + ".safetensors")
+        state_path = os.path.join(folders.train_folder(), name + ".state.safetensors")
+        embedding_path = os.path.join(folders.first_folder("embeddings"), name + ".safetensors")
 
         with torch.inference_mode(False), torch.enable_grad():
-            lora = patching.training_lora(model, config.targets, config.rank, config.alpha, config.seed)
-            denoiser = patching.ComfyDenoiser(patching.attach_training_lora(model, lora))
+            lora = weights.training_lora(model, config.targets, config.rank, config.alpha, config.seed)
+            denoiser = comfy_denoiser.ComfyDenoiser(weights.attach_training_lora(model, lora))
             denoiser.load()
             device = denoiser.device
             lora.to(device)
-            latents = patching.vae_latents(model, vae, pixels).to(device)
-            encoder = patching.ComfyTextEncoder(clip, adm=patching.sdxl_size_conditioning(model, latents))
+            latents = comfy_denoiser.vae_latents(model, vae, pixels).to(device)
+            encoder = text.ComfyTextEncoder(clip, adm=comfy_denoiser.sdxl_size_conditioning(model, latents))
             if train_token:
                 denoiser.companions.append(clip.patcher)  # the text encoder runs (with grad) at every step
             denoiser.load()  # the VAE may have pushed the UNet out
-            contexts = {}
-
-            def encode(prompts_, token):
-                if token is not None:
-                    return encoder(prompts_, token)
-                missing = [p for p in dict.fromkeys(prompts_) if p not in contexts]
-                for p in missing:
-                    contexts[p] = encoder([p], None)
-                if missing:  # loading the text encoder may have unloaded the UNet and its LoRA wrappers
-                    denoiser.load()
-                return conditioning.cat([contexts[p] for p in prompts_])
+            encode = denoiser.text_encoder(encoder)
 
             prior = None
             if config.prior_weight:
-                prior = self._prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents)
+                if prior_images is not None:
+                    prior = comfy_denoiser.vae_latents(model, vae, prior_images).to(device)
+                else:
+                    prior = run.class_latents(denoiser, lora, encode, config.fill(config.class_prompt), prior_count,
+                                              latents.shape[1:], config.seed, device, folders.train_folder(),
+                                              weights.model_fingerprint(model))
             token_init = encoder.word_embedding(class_word) if train_token else None
             trainer = Trainer(denoiser, lora, encode, latents, config, prior_latents=prior, token_init=token_init,
                               device=device)
@@ -178,69 +171,31 @@ class PersonalizeLoRATrainer:
             meta = {"token": subject, "class_word": class_word}
             if trainer.token is not None:  # the tokenizer finds [V] in this file; it holds the current vectors
                 encoder.write_embedding(trainer.token, embedding_path, {**meta, "steps": str(trainer.step)})
-            g = torch.Generator().manual_seed(seed)
-            val_noise = torch.randn(1, *latents.shape[1:], generator=g).to(device)
-            samples = []
 
-            def validate():
-                if not validation_steps:
-                    return
-                with torch.no_grad():
-                    ctx = trainer.context([config.fill(validation_prompt)]), trainer.context([""])
-                    x0 = ddim_sample(denoiser, denoiser.schedule, val_noise, *ctx, validation_steps, VALIDATION_GUIDANCE)
-                samples.append(x0)
-
-            def save():
-                step_meta = {**meta, "steps": str(trainer.step)}
-                export.save_lora(lora, lora_path, metadata=step_meta)
+            def save_outputs(metadata):
+                export.save_lora(lora, lora_path, metadata=metadata)
+                folders.refresh_file_list("loras")
                 if trainer.token is not None:
-                    encoder.write_embedding(trainer.token, embedding_path, step_meta)
-                    patching.refresh_file_list("embeddings")
-                trainer.save(state_path)
-                patching.refresh_file_list("loras")
+                    encoder.write_embedding(trainer.token, embedding_path, metadata)
+                    folders.refresh_file_list("embeddings")
 
-            pbar = comfy.utils.ProgressBar(steps)
+            pbar = ProgressBar(steps)
             pbar.update_absolute(trainer.step, steps)
-
-            def on_step(step, losses):
-                pbar.update_absolute(step, steps)
-                if checkpoint_every and step % checkpoint_every == 0:
-                    save()
-                if validate_every and step % validate_every == 0 and step < steps:
-                    validate()
-                mm.throw_exception_if_processing_interrupted()
-
-            with patching.gradient_checkpointing(denoiser.patcher, gradient_checkpointing):
-                try:
-                    trainer.train(callback=on_step)
-                finally:  # also on Cancel: the LoRA so far and a state to resume from
-                    save()
-            validate()
+            validation = run.Validation(trainer, config.fill(validation_prompt), validation_steps, VALIDATION_GUIDANCE, seed)
+            training = run.TrainingRun(trainer, state_path, save_outputs, meta, checkpoint_every=checkpoint_every,
+                                       validate=validation, validate_every=validate_every,
+                                       progress=lambda step, _: pbar.update_absolute(step, steps),
+                                       check_stop=throw_exception_if_processing_interrupted)
+            with comfy_denoiser.gradient_checkpointing(denoiser.patcher, gradient_checkpointing):
+                training.run()
+            validation()
             lora.requires_grad_(False)
             lora_state = export.lora_to_comfy(lora)
             curve = loss_curve_image(losses_table(trainer.history))
-            decoded = (patching.vae_images(model, vae, torch.cat(samples)) if samples
+            decoded = (comfy_denoiser.vae_images(model, vae, torch.cat(validation.samples)) if validation.samples
                        else torch.zeros(1, *pixels.shape[1:3], 3))
         log.info("trained %s: %d steps, last losses %s", lora_path, trainer.step, trainer.history[-1] if trainer.history else {})
-        return (patching.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
-
-    @staticmethod
-    def _prior(model, vae, denoiser, lora, encode, config, prior_images, prior_count, latents):
-        if prior_images is not None:
-            return patching.vae_latents(model, vae, prior_images).to(latents.device)
-        prompt = config.fill(CLASS_PROMPT if config.class_prompt is None else config.class_prompt)
-        cache = os.path.join(patching.train_folder(), f"prior_{_safe_name(prompt)}_{prior_count}_"
-                                                      f"{latents.shape[-2]}x{latents.shape[-1]}_{config.seed}.safetensors")
-        if os.path.isfile(cache):
-            return export.load_file(cache)["latents"].to(latents.device)
-        g = torch.Generator().manual_seed(config.seed)
-        noise = torch.randn(prior_count, *latents.shape[1:], generator=g).to(latents.device)
-        with torch.no_grad(), lora.disabled():
-            out = torch.cat([ddim_sample(denoiser, denoiser.schedule, noise[i:i + 4], encode([prompt], None),
-                                         encode([""], None), guidance=PRIOR_GUIDANCE)
-                             for i in range(0, prior_count, 4)])
-        export.atomic_save_safetensors({"latents": out}, cache)
-        return out
+        return (weights.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
 
 
 def _safe_name(name: str) -> str:
@@ -254,21 +209,9 @@ def _subject_images(images, folder: str) -> torch.Tensor:
     if images is not None:
         return images
     if folder:
-        from PIL import Image
-
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"image_folder {folder!r} is not a folder")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-        arrays = []
-        for f in files:
-            with Image.open(os.path.join(folder, f)) as im:
-                arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
-        if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"the images in {folder} have different sizes {sorted({a.shape[:2] for a in arrays})}; "
-                             "crop them to one size (e.g. 512x512)")
-        return torch.from_numpy(np.stack(arrays))
+        return run.load_images(run.image_files(folder)).float() / 255.0
     raise ValueError("no subject images: connect 'images' or set 'image_folder'")
 
 

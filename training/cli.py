@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -48,13 +47,12 @@ import torch  # noqa: E402
 
 from . import export  # noqa: E402
 from .diffusers_host import ClipTextEncoder, DiffusersDenoiser, ldm_mapper, unet_lora  # noqa: E402
-from .sampling import PRIOR_GUIDANCE, PRIOR_SAMPLING_STEPS, ddim_sample  # noqa: E402
+from .run import TrainingRun, class_latents, fingerprint, image_files, load_images  # noqa: E402
 from .trainer import TrainConfig, Trainer, losses_table  # noqa: E402
 
 log = logging.getLogger("personalize")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# DreamBooth class images in the SuDe reference: 50 (facechain SuDe README).
+# DreamBooth class images in the SuDe reference: 50 (modelscope/facechain more_apps/Facechain-SuDe README).
 PRIOR_COUNT = 50
 RUN_DEFAULTS = {"resolution": 512, "checkpoint_every": 100, "resume": None, "prior_images": None,
                 "prior_count": PRIOR_COUNT, "name": "personalize_lora", "output_dir": "."}
@@ -80,31 +78,14 @@ def load_config(path: str) -> dict:
     return {**RUN_DEFAULTS, **cfg}
 
 
-def image_files(spec) -> list[str]:
-    if isinstance(spec, str) and os.path.isdir(spec):
-        files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
-    else:
-        files = [spec] if isinstance(spec, str) else list(spec)
-    missing = [f for f in files if not os.path.isfile(f)]
-    if not files or missing:
-        raise SystemExit(f"no subject images found ({missing or spec}); give a folder of {IMAGE_EXTENSIONS} or a list")
-    return files
-
-
-def load_pixels(files: list[str], size: int) -> torch.Tensor:
-    """Images -> (N, 3, size, size) in [-1, 1], resized on the short side and centre-cropped."""
-    from PIL import Image
-
-    out = []
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert("RGB")
-            s = size / min(im.size)
-            im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3))
-    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
+def load_pixels(spec, size: int) -> torch.Tensor:
+    """The images of a folder or a list -> (N, 3, size, size) in [-1, 1], resized on the short side and
+    centre-cropped."""
+    try:
+        files = image_files(spec)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    return load_images(files, size).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
@@ -167,7 +148,7 @@ def main(argv=None) -> dict:
     text = ClipTextEncoder(tokenizer, text_encoder, config.token if config.train_token else None)
     token_init = text.word_embedding(config.class_word) if config.train_token else None
     lora = unet_lora(unet, config.targets, config.rank, config.alpha, config.seed).to(device)
-    latents = encode_latents(vae, load_pixels(image_files(run["images"]), run["resolution"]))
+    latents = encode_latents(vae, load_pixels(run["images"], run["resolution"]))
 
     prior = None
     if config.prior_weight:  # with several processes, rank 0 generates the class images and the others read its cache
@@ -192,25 +173,20 @@ def main(argv=None) -> dict:
                                  "processes as the run that saved the state)")
         trainer.load(resume)
 
-    def save_all():
-        trainer.save(state_path)
-        if main_process:
-            export.save_lora(lora, base + ".safetensors", ldm_mapper(denoiser), {"steps": str(trainer.step)})
-            if trainer.token is not None:
-                export.save_embedding(trainer.token, base + ".embedding.safetensors")
-            with open(base + ".losses.json", "w") as f:
-                json.dump(losses_table(trainer.history), f)
+    def save_outputs(metadata):
+        if not main_process:
+            return
+        export.save_lora(lora, base + ".safetensors", ldm_mapper(denoiser), metadata)
+        if trainer.token is not None:
+            export.save_embedding(trainer.token, base + ".embedding.safetensors")
+        with open(base + ".losses.json", "w") as f:
+            json.dump(losses_table(trainer.history), f)
 
-    def on_step(step, losses):
+    def progress(step, losses):
         if main_process:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        if run["checkpoint_every"] and step % run["checkpoint_every"] == 0:
-            save_all()
 
-    try:
-        trainer.train(callback=on_step)
-    finally:
-        save_all()
+    TrainingRun(trainer, state_path, save_outputs, checkpoint_every=run["checkpoint_every"], progress=progress).run()
     if world > 1:
         acc.end_training()  # destroys the process group: left to interpreter exit, gloo can abort the process
     if main_process:
@@ -220,27 +196,12 @@ def main(argv=None) -> dict:
 
 def prior_latents(run, config, denoiser, text, vae, lora, shape, device) -> torch.Tensor:
     """Class-image latents: encoded from ``prior_images`` or generated once by the frozen base model and cached in
-    the output folder (the cache key covers the model path, prompt, count, size and seed)."""
+    the output folder under a fingerprint of the UNet's weights (:func:`.run.class_latents`)."""
     if run["prior_images"]:
-        return encode_latents(vae, load_pixels(image_files(run["prior_images"]), run["resolution"]))
-    prompt = config.fill(config.class_prompt)
-    key = hashlib.sha256(json.dumps([os.path.abspath(run["model"]), prompt, run["prior_count"], list(shape),
-                                     config.seed]).encode()).hexdigest()[:16]
-    path = os.path.join(run["output_dir"], f"prior_{key}.safetensors")
-    if os.path.isfile(path):
-        return export.load_file(path)["latents"].to(device)
-    g = torch.Generator().manual_seed(config.seed)
-    noise = torch.randn(run["prior_count"], *shape, generator=g).to(device)
-    with torch.no_grad():
-        cond, uncond = text([prompt], None), text([""], None)
-    out = []
-    with lora.disabled():
-        for i in range(0, noise.shape[0], 4):
-            out.append(ddim_sample(denoiser, denoiser.schedule, noise[i:i + 4], cond, uncond, PRIOR_SAMPLING_STEPS,
-                                   PRIOR_GUIDANCE))
-    latents = torch.cat(out)
-    export.atomic_save_safetensors({"latents": latents}, path)
-    return latents
+        return encode_latents(vae, load_pixels(run["prior_images"], run["resolution"])).to(device)
+    model_id = fingerprint(denoiser.unet.state_dict().items(), ["diffusers", denoiser.schedule.prediction])
+    return class_latents(denoiser, lora, text, config.fill(config.class_prompt), run["prior_count"], shape, config.seed,
+                         device, run["output_dir"], model_id)
 
 
 if __name__ == "__main__":

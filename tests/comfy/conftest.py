@@ -2,23 +2,20 @@
 """Tier-2 fixtures: a real, headless ComfyUI (CPU) with tiny random models.
 
 The tests here need a ComfyUI checkout named by the ``COMFYUI_PATH``
-environment variable; without it every test using the ``comfy`` fixture is
-skipped.  ``devtools/`` is expected on ``sys.path`` (``tests/conftest.py``
-puts it there); as a fallback this file adds it itself.
+environment variable (``.ci/run`` sets it to ``../shared/ComfyUI`` when that
+exists); without it every test using the ``comfy`` fixture is skipped, with
+the reason.  ``devtools/`` is on ``sys.path`` (``tests/conftest.py``).  The
+checkout is only read: the session fails if a test wrote into it.
 """
 
-import importlib.util
 import os
-import sys
+import time
 import types
 
 import pytest
 
-SKIP_REASON = "COMFYUI_PATH not set: tier-2 ComfyUI tests skipped"
+SKIP_REASON = "no ComfyUI: set COMFYUI_PATH (bash .ci/run uses ../shared/ComfyUI when it exists); tier-2 tests skipped"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-if importlib.util.find_spec("comfy_host") is None:  # tests/conftest.py not present (yet)
-    sys.path.insert(0, os.path.join(REPO_ROOT, "devtools"))
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +24,14 @@ def comfy(tmp_path_factory):
 
     Yields a namespace with ``host`` (the ``comfy_host`` module), ``tiny``
     (``tiny_models``), ``models_dir`` and ``files`` ({key: path} of the tiny
-    files, keys of ``tiny_models.TINY_FILES``), ``repo_root``.
+    files, keys of ``tiny_models.TINY_FILES``), ``repo_root``, ``load_pack()``
+    (the pack through ComfyUI's own loader: its NODE_CLASS_MAPPINGS) and
+    ``module(name)`` (a module of the loaded pack, e.g. ``"nodes.comfy.sites"``).
     """
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         pytest.skip(SKIP_REASON)
+    started = time.time()
     import comfy_host
     import tiny_models
 
@@ -40,5 +40,24 @@ def comfy(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("tiny_models")
     files = tiny_models.write_tiny_set(str(models_dir), seed=0)
     comfy_host.use_models_dir(str(models_dir))
-    return types.SimpleNamespace(host=comfy_host, tiny=tiny_models, models_dir=str(models_dir), files=files,
-                                 repo_root=REPO_ROOT)
+    yield types.SimpleNamespace(host=comfy_host, tiny=tiny_models, models_dir=str(models_dir), files=files,
+                                repo_root=REPO_ROOT, load_pack=lambda: comfy_host.load_pack(REPO_ROOT),
+                                module=lambda name: comfy_host.pack_module(REPO_ROOT, name))
+    written = files_written_since(path, started)
+    assert not written, f"tests wrote into the ComfyUI tree {path} (use temporary folders): {written[:5]}"
+
+
+def files_written_since(root: str, since: float) -> list[str]:
+    """Files under ``root`` modified after ``since`` (bytecode caches aside: Python writes those, not the tests;
+    ``.ci/run`` sends them to the venv)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            try:
+                if os.stat(p).st_mtime >= since:
+                    out.append(p)
+            except OSError:
+                pass
+    return out

@@ -21,10 +21,9 @@ OPTIONAL_DEPS = ("onnxruntime", "insightface", "timm", "facexlib")
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    maps = comfy.host.load_pack(comfy.repo_root)
-    prefix = next(k[: -len(".nodes.patching")] for k in sys.modules if k.endswith("ComfyUI-Personalize.nodes.patching"))
-    ns = types.SimpleNamespace(maps=maps, patching=sys.modules[prefix + ".nodes.patching"],
-                               ipa=sys.modules[prefix + ".models.ipadapter"], nodes=sys.modules[prefix + ".nodes.ipadapter"])
+    maps = comfy.load_pack()
+    ns = types.SimpleNamespace(maps=maps, folders=comfy.module("nodes.comfy.folders"), sites=comfy.module("nodes.comfy.sites"),
+                               ipa=comfy.module("models.ipadapter"), nodes=comfy.module("nodes.ipadapter"))
     ipa_dir = os.path.join(comfy.models_dir, "ipadapter")
     os.makedirs(ipa_dir, exist_ok=True)
     for layout in ("sd15", "sdxl"):
@@ -121,7 +120,7 @@ def test_node_conventions(pack):
 def test_register_keeps_extra_model_paths(pack, tmp_path):
     import folder_paths
     folder_paths.add_model_folder_path("pulid", str(tmp_path))
-    pack.patching.register_model_folders()
+    pack.folders.register_model_folders()
     paths = folder_paths.folder_names_and_paths["pulid"][0]
     assert str(tmp_path) in paths and os.path.join(folder_paths.models_dir, "pulid") in paths
 
@@ -227,7 +226,7 @@ def test_coexists_with_other_packs(pack, core):
     site = attn2(patched)[("input", 1)]
     assert isinstance(site, ForeignAttn2Replace) and len(site.callback) == 2  # we joined theirs
     assert len(attn2(model)[("input", 1)].callback) == 1  # the input model is untouched
-    assert isinstance(attn2(patched)[("input", 2)], pack.patching.AttentionSite)
+    assert isinstance(attn2(patched)[("input", 2)], pack.sites.AttentionSite)
     # then another pack adds to ours, as they do with .add
     ours = attn2(patched)[("output", 3)]
     theirs = patched.clone()
@@ -378,7 +377,7 @@ def test_style_and_composition_sdxl(pack, core):
     # style: transformer 6 = output block 1 (10 sites); composition: transformer 3 = input block 8 (10 sites)
     assert set(a2) == {("output", 1, i) for i in range(10)} | {("input", 8, i) for i in range(10)}
     patch = a2[("input", 8, 0)].callback[0].patch
-    assert patch.site_weights[a2[("input", 8, 0)].callback[0].adapter_index] == (0.5, True)
+    assert patch.site_weights[a2[("input", 8, 0)].callback[0].index] == (0.5, True)
     with pytest.raises(ValueError, match="composition"):
         apply(pack, model, "tiny_base_sdxl.safetensors", weight_type="style and composition", embeds=e1, auto_embeds=False)
 

@@ -27,6 +27,7 @@ def env(comfy):
 
 def train(env, name, steps=STEPS, **kw):
     maps, _, model, clip, vae, images = env
+    model = kw.pop("model", model)
     args = dict(subject_token="sks", class_word="dog", palp_prompts="a sketch of a dog\na dog in the snow",
                 steps=steps, learning_rate=1e-2, rank=4, sude_weight=0.4, palp_weight=1.0, prior_weight=0.0, seed=1,
                 save_name=name, resume=False, images=images, validation_steps=0)
@@ -73,15 +74,15 @@ def test_trained_lora_reloads_exactly(env, comfy):
 def test_the_training_forward_equals_the_exported_lora(env, comfy):
     """The trainer's own prediction (weight wrappers, LoRA on) equals the stock loader's model on the saved file."""
     maps, nodes, model, clip, vae, _ = env
-    import sys
-    patching = sys.modules[next(k for k in sys.modules if k.endswith("ComfyUI-Personalize.nodes.patching"))]
-    export = sys.modules[next(k for k in sys.modules if k.endswith("ComfyUI-Personalize.training.export"))]
+    weights = comfy.module("nodes.comfy.weights")
+    denoiser = comfy.module("nodes.comfy.denoiser")
+    export = comfy.module("training.export")
     with torch.inference_mode(False):
-        lora = patching.training_lora(model, ("attn1.to_q", "attn2.to_v", "attn2.to_out.0"), 4, 2.0, 0)
+        lora = weights.training_lora(model, ("attn1.to_q", "attn2.to_v", "attn2.to_out.0"), 4, 2.0, 0)
         with torch.no_grad():
             for _, d in lora.items():
                 d.up.normal_(0, 0.1)
-        den = patching.ComfyDenoiser(patching.attach_training_lora(model, lora))
+        den = denoiser.ComfyDenoiser(weights.attach_training_lora(model, lora))
         den.load()
         g = torch.Generator().manual_seed(1)
         x_t, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400])
@@ -91,7 +92,7 @@ def test_the_training_forward_equals_the_exported_lora(env, comfy):
             with lora.disabled():
                 off = den(x_t, t, ctx)
         sd = export.lora_to_comfy(lora)
-    loaded = patching.model_with_lora(model, sd)
+    loaded = weights.model_with_lora(model, sd)
     sigma = den._sigmas[t]
     x = x_t * (1 + sigma ** 2).sqrt()
     ref = apply(loaded, x, sigma, ctx)
@@ -137,28 +138,63 @@ def test_resume_continues_and_matches(env, comfy, one_thread):
 
 
 def test_interrupt_leaves_lora_and_state(env, comfy):
+    """ComfyUI's own Cancel (the interrupt flag the executor's Cancel sets), raised at step 2 of 10."""
     import comfy.model_management as mm
+    import comfy.utils as comfy_utils
     import folder_paths
 
-    maps = env[0]
-    calls = {"n": 0}
-    original = mm.throw_exception_if_processing_interrupted
+    def cancel_at_two(value, total, preview=None, **kw):
+        if value == 2:
+            mm.interrupt_current_processing(True)
 
-    def interrupt_after_two():
-        calls["n"] += 1
-        if calls["n"] >= 2:
-            raise mm.InterruptProcessingException()
-
-    mm.throw_exception_if_processing_interrupted = interrupt_after_two
+    before = comfy_utils.PROGRESS_BAR_HOOK
+    comfy_utils.set_progress_bar_global_hook(cancel_at_two)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             train(env, "t2_cancel", steps=10, sude_weight=0.0, palp_weight=0.0)
     finally:
-        mm.throw_exception_if_processing_interrupted = original
+        comfy_utils.set_progress_bar_global_hook(before)
+        mm.interrupt_current_processing(False)
     assert folder_paths.get_full_path("loras", "t2_cancel.safetensors") is not None
     state = os.path.join(folder_paths.get_output_directory(), "personalize_train", "t2_cancel.state.safetensors")
     assert os.path.isfile(state)
+    export = comfy.module("training.export")
+    assert export.load_state(state)[1]["step"] == 2  # stopped where Cancel was pressed
     train(env, "t2_cancel", steps=3, resume=True, sude_weight=0.0, palp_weight=0.0)  # continues from step 2
+    assert export.load_state(state)[1]["step"] == 3
+
+
+def test_class_images_are_cached_per_model(env, comfy):
+    """Generated class images are reused only by the model that made them: another checkpoint, or the same one with
+    a LoRA on it, generates its own; a model with attention patches (whose effect no tensor shows) is not cached."""
+    import glob
+
+    import folder_paths
+
+    maps, nodes, model, _, _, _ = env
+    comfy.tiny.write_tiny_sd15(os.path.join(comfy.models_dir, "checkpoints", "t2_other_sd15.safetensors"), seed=1)
+    with torch.inference_mode():
+        other = nodes.CheckpointLoaderSimple().load_checkpoint("t2_other_sd15.safetensors")[0]
+    with_lora = nodes.LoraLoaderModelOnly().load_lora_model_only(model, train(env, "t2_prior_lora", steps=1)[1], 1.0)[0]
+    patched = model.clone()
+    patched.set_model_attn2_replace(lambda q, k, v, extra: torch.zeros_like(q), "input", 1)
+    folder = os.path.join(folder_paths.get_output_directory(), "personalize_train")
+
+    def generated(m, name):
+        before = set(glob.glob(os.path.join(folder, "prior_*.safetensors")))
+        train(env, name, steps=1, model=m, prior_weight=1.0, prior_count=2, sude_weight=0.0, palp_weight=0.0)
+        return sorted(set(glob.glob(os.path.join(folder, "prior_*.safetensors"))) - before)
+
+    import safetensors.torch as st
+
+    (a,) = generated(model, "t2_prior_a")
+    assert generated(model, "t2_prior_a_again") == []  # the same model reuses its class images
+    (b,) = generated(other, "t2_prior_b")
+    (c,) = generated(with_lora, "t2_prior_c")
+    assert generated(patched, "t2_prior_patched") == []  # not cacheable: generated, not written
+    latents = [st.load_file(f)["latents"] for f in (a, b, c)]
+    assert all(x.shape == (2, 4, 8, 8) for x in latents)
+    assert (latents[0] - latents[1]).abs().max() > 1e-3 and (latents[0] - latents[2]).abs().max() > 1e-3
 
 
 def test_bad_inputs(env):
@@ -170,24 +206,18 @@ def test_bad_inputs(env):
         train(env, "t2_never_trained", resume=True)
 
 
-def _modules(*suffixes):
-    import sys
-
-    return [sys.modules[next(k for k in sys.modules if k.endswith("ComfyUI-Personalize." + s))] for s in suffixes]
-
-
 def test_token_gradient_equals_transformers_clip(env, comfy):
     """The trainable token through ComfyUI's CLIP (our encoder) gives the same context and the same gradient as
     transformers' CLIPTextModel with the same weights, the token's vector placed at the token's position."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    patching, = _modules("nodes.patching")
+    text = comfy.module("nodes.comfy.text")
     import folder_paths
 
     _, _, model, clip, _, _ = env
     tiny = comfy.tiny.TINY_TEXT_CLIP_L
     with torch.inference_mode(False):
-        enc = patching.ComfyTextEncoder(clip)
+        enc = text.ComfyTextEncoder(clip)
         assert enc.parts == [("l", tiny["hidden_size"])]
         init = enc.word_embedding("dog")
         path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], "t2_grad.safetensors")
@@ -227,7 +257,8 @@ def test_token_gradient_equals_transformers_clip(env, comfy):
 def test_token_training_saves_an_embedding_prompts_use(env, comfy):
     """train_token: the token moves, the file is where ComfyUI's tokenizer finds it, ComfyUI's own encode of a
     prompt naming it equals what the trainer conditioned on, and resume restores it."""
-    patching, export = _modules("nodes.patching", "training.export")
+    text = comfy.module("nodes.comfy.text")
+    export = comfy.module("training.export")
     import folder_paths
     import safetensors.torch as st
 
@@ -239,7 +270,7 @@ def test_token_training_saves_an_embedding_prompts_use(env, comfy):
     data = st.load_file(path)
     assert list(data) == ["emb_params"] and data["emb_params"].shape == (1, comfy.tiny.TINY_TEXT_CLIP_L["hidden_size"])
     with torch.inference_mode(False):
-        enc = patching.ComfyTextEncoder(clip)
+        enc = text.ComfyTextEncoder(clip)
         init = enc.word_embedding("dog")
         assert (data["emb_params"] - init).abs().max() > 1e-3, "the token must be trained"
         enc.write_embedding(data["emb_params"], path)
@@ -277,7 +308,8 @@ def test_sdxl_lora_and_token(env, sdxl, comfy):
     import folder_paths
     import safetensors.torch as st
 
-    patching, = _modules("nodes.patching")
+    text = comfy.module("nodes.comfy.text")
+    denoiser = comfy.module("nodes.comfy.denoiser")
     with torch.inference_mode():
         out = maps["PersonalizeLoRATrainer"]().train(
             model, clip, vae, subject_token="sks", class_word="dog", palp_prompts="a sketch of a dog", steps=2,
@@ -294,7 +326,7 @@ def test_sdxl_lora_and_token(env, sdxl, comfy):
         cond, pooled = clip.encode_from_tokens(clip.tokenize(f"a photo of {subject} dog"), return_pooled=True)
         y = model.model.encode_adm(pooled_output=pooled, width=64, height=64)
     with torch.inference_mode(False):
-        enc = patching.ComfyTextEncoder(clip, adm=patching.sdxl_size_conditioning(model, torch.zeros(1, 4, 8, 8)))
+        enc = text.ComfyTextEncoder(clip, adm=denoiser.sdxl_size_conditioning(model, torch.zeros(1, 4, 8, 8)))
         vec = torch.cat([data[f"clip_{k}"] for k, _ in enc.parts], 1)
         enc.write_embedding(vec, folder_paths.get_full_path("embeddings", "t2_xl.safetensors"))
         ours_c, ours_y = enc([f"a photo of {subject} dog"], vec)

@@ -1,0 +1,63 @@
+"""The pack's model folders and file resolution, through ComfyUI's ``folder_paths``."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+# name -> where users get the files; ipadapter now, the others for the methods that follow.
+MODEL_FOLDERS = {
+    "ipadapter": "IP-Adapter weights (h94/IP-Adapter, h94/IP-Adapter-FaceID on Hugging Face)",
+    "pulid": "PuLID weights",
+    "e4t": "E4T encoders and weight offsets",
+    "insightface": "insightface model packs, as models/insightface/models/<name>/*.onnx",
+    "eva_clip": "EVA02-CLIP vision towers",
+    "face_parsing": "face parsing / alignment models (facexlib)",
+}
+TRAIN_FOLDER = "personalize_train"  # resumable states and cached class latents, under ComfyUI's output folder
+
+
+def register_model_folders() -> None:
+    """Add ``<models_dir>/<name>`` for each pack folder, keeping paths that extra_model_paths.yaml already set."""
+    for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
+        entry = folder_paths.folder_names_and_paths.get(name)
+        if entry is None:
+            folder_paths.folder_names_and_paths[name] = ([default], set(folder_paths.supported_pt_extensions))
+            continue
+        paths, exts = entry
+        if default not in paths:
+            paths.append(default)
+        if not exts:
+            exts.update(folder_paths.supported_pt_extensions)
+
+
+def full_path(folder: str, name: str, what: str) -> str:
+    """Resolve a model file, or raise an error naming the file, the folders searched and where to get it."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths(folder)) or "(none registered)"
+        raise FileNotFoundError(f"{what} '{name}' not found in the '{folder}' folders: {searched}. "
+                                f"Put the file there ({MODEL_FOLDERS.get(folder, 'see the README')}).")
+    return path
+
+
+def first_folder(name: str) -> str:
+    """The first registered folder of ``name`` (models/loras, models/embeddings), created if missing."""
+    paths = folder_paths.get_folder_paths(name)
+    if not paths:
+        raise FileNotFoundError(f"ComfyUI has no '{name}' model folder registered; check extra_model_paths.yaml")
+    os.makedirs(paths[0], exist_ok=True)
+    return paths[0]
+
+
+def train_folder() -> str:
+    """``output/personalize_train``: resumable training states and cached class latents."""
+    path = os.path.join(folder_paths.get_output_directory(), TRAIN_FOLDER)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def refresh_file_list(name: str) -> None:
+    """Forget ComfyUI's cached file list of a model folder (a file was just written there)."""
+    folder_paths.filename_list_cache.pop(name, None)
