@@ -56,8 +56,8 @@ def _import_time(statement: str, block_ort: bool, repeats: int) -> float:
 
 def bench_latency(images: int, repeats: int) -> None:
     import numpy as np
-
     import tiny_onnx_faces as tiny
+
     from comfyui_personalize.models import face
 
     with tempfile.TemporaryDirectory() as root:

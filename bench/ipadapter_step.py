@@ -4,7 +4,7 @@
 
 Runs the real ComfyUI sampler (KSampler, euler, CFG batch of cond + uncond) on the same model, unpatched and patched
 with full-size adapters in the official layouts (ip-adapter_sd15: 4 tokens; ip-adapter-plus_sd15: 16 tokens), and
-prints the ratio of the mean step time to the unpatched one. Targets (issue 2): base <= 1.05x, Plus <= 1.10x.
+prints the ratio of the mean step time to the unpatched one. Targets: base <= 1.05x, Plus <= 1.10x.
 Timings interleave the variants round by round so machine noise hits them alike.
 """
 from __future__ import annotations
@@ -32,10 +32,9 @@ VIT_H_EMBEDS, VIT_H_HIDDEN = 1024, 1280
 
 
 def build_model(device):
-    import torch
-
     import comfy.model_detection
     import comfy.model_patcher
+    import torch
 
     config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET))
     config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
@@ -68,13 +67,15 @@ def full_plus_proj(clip_dim, dim=768, depth=4, queries=16):
     g = torch.Generator().manual_seed(2)
     r = lambda *s: torch.randn(*s, generator=g) / s[-1] ** 0.5  # noqa: E731
     sd = {"latents": r(1, queries, dim), "proj_in.weight": r(dim, clip_dim), "proj_in.bias": torch.zeros(dim),
-          "proj_out.weight": r(768, dim), "proj_out.bias": torch.zeros(768), "norm_out.weight": torch.ones(768), "norm_out.bias": torch.zeros(768)}
+          "proj_out.weight": r(768, dim), "proj_out.bias": torch.zeros(768), "norm_out.weight": torch.ones(768),
+          "norm_out.bias": torch.zeros(768)}
     for i in range(depth):
         for n in ("norm1", "norm2"):
             sd[f"layers.{i}.0.{n}.weight"], sd[f"layers.{i}.0.{n}.bias"] = torch.ones(dim), torch.zeros(dim)
         sd.update({f"layers.{i}.0.to_q.weight": r(dim, dim), f"layers.{i}.0.to_kv.weight": r(2 * dim, dim),
                    f"layers.{i}.0.to_out.weight": r(dim, dim), f"layers.{i}.1.0.weight": torch.ones(dim),
-                   f"layers.{i}.1.0.bias": torch.zeros(dim), f"layers.{i}.1.1.weight": r(4 * dim, dim), f"layers.{i}.1.3.weight": r(dim, 4 * dim)})
+                   f"layers.{i}.1.0.bias": torch.zeros(dim), f"layers.{i}.1.1.weight": r(4 * dim, dim),
+                   f"layers.{i}.1.3.weight": r(dim, 4 * dim)})
     return sd
 
 
@@ -94,10 +95,9 @@ def main(argv=None):
     if args.device != "cpu":
         from comfy.cli_args import args as comfy_args
         comfy_args.cpu = False
-    import torch
-
     import comfy.utils
     import nodes
+    import torch
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     folder = tempfile.mkdtemp(prefix="personalize_bench_")
@@ -114,7 +114,8 @@ def main(argv=None):
         ipa = maps["PersonalizeIPAdapterLoader"]().load(os.path.basename(path))[0]
         shape = (1, VIT_H_EMBEDS) if family == "base" else (1, 257, VIT_H_HIDDEN)
         embeds = ipa_mod.IPAEmbeds(torch.randn(shape), torch.zeros(shape), ipa.spec.feature)
-        variants[family] = maps["PersonalizeIPAdapterApply"]().apply(model, ipa, 0.8, "linear", 0.0, 1.0, "concat", "V only", embeds=embeds)[0]
+        variants[family] = maps["PersonalizeIPAdapterApply"]().apply(model, ipa, 0.8, "linear", 0.0, 1.0, "concat", "V only",
+                                                                     embeds=embeds)[0]
 
     cond = [[torch.randn(1, 77, 768), {}]]
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
@@ -135,7 +136,8 @@ def main(argv=None):
         for k, m in variants.items():
             times[k].append(run(m, args.steps))
     base = statistics.median(times["none"])
-    print(f"SD1.5 UNet, {args.size}x{args.size}, CFG batch 2, {args.steps} steps x {args.rounds} rounds, device {device}, torch threads {torch.get_num_threads()}")
+    print(f"SD1.5 UNet, {args.size}x{args.size}, CFG batch 2, {args.steps} steps x {args.rounds} rounds, device {device}, "
+          f"torch threads {torch.get_num_threads()}")
     for k, ts in times.items():
         med = statistics.median(ts)
         print(f"{k:>5}: {med:8.3f} s/step  ratio {med / base:5.3f}x  (runs: {', '.join(f'{t:.3f}' for t in ts)})")

@@ -4,7 +4,7 @@ token [V] trained too (a full-size SD1.5 text encoder, random weights, runs forw
 
     python bench/train_step.py [--size 256] [--steps 2] [--rounds 2] [--device cpu|cuda] [--precision no|fp16|bf16]
 
-Floors from the forward counts (issue 4): a plain step is one forward + backward (~3 forward units); SuDe adds one
+Floors from the forward counts: a plain step is one forward + backward (~3 forward units); SuDe adds one
 batched no-grad forward of two (~1.7x); PALP adds two of two (~2.3x); SuDe + PALP share the LoRA-on forward.
 With prior preservation the grad forward is a batch of two and the ratios are taken against plain + prior.
 Timings interleave the variants round by round so machine noise hits them alike. On CUDA the peak memory is printed.

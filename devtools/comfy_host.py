@@ -22,9 +22,9 @@ shadow ComfyUI's ``nodes.py``.
 """
 
 import asyncio
-import importlib
 import atexit
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -144,7 +144,7 @@ def bootstrap(comfyui_path, output_dir=None, load_extras=True):
         return sys.modules["nodes"]
 
     if not os.path.isfile(os.path.join(real, "nodes.py")) or not os.path.isdir(os.path.join(real, "comfy")):
-        raise ComfyHostError("{} does not look like a ComfyUI checkout (no nodes.py / comfy/)".format(real))
+        raise ComfyHostError(f"{real} does not look like a ComfyUI checkout (no nodes.py / comfy/)")
 
     # A module called "nodes" imported from elsewhere (e.g. the pack's own
     # nodes/ package) would make ComfyUI import the wrong thing.
@@ -160,13 +160,14 @@ def bootstrap(comfyui_path, output_dir=None, load_extras=True):
     from comfy.cli_args import args  # must come before any other comfy import
     args.cpu = True
 
-    import utils.extra_config  # noqa: F401  (main.py imports it first)
+    # in main.py's order (utils.extra_config first), not sorted
+    import utils.extra_config  # noqa: F401, I001
     import folder_paths
     import nodes
     import execution  # noqa: F401
 
     if not _is_inside(nodes.__file__, real):
-        raise ComfyHostError("imported 'nodes' from {} instead of the ComfyUI checkout {}".format(nodes.__file__, real))
+        raise ComfyHostError(f"imported 'nodes' from {nodes.__file__} instead of the ComfyUI checkout {real}")
 
     _state["comfyui_path"] = real
     work = tempfile.mkdtemp(prefix="personalize_comfy_host_")
@@ -259,7 +260,7 @@ def load_pack(repo_root, dir_name=PACK_DIR_NAME):
     if root in _state["packs"]:
         return _state["packs"][root]
     if not os.path.isfile(os.path.join(root, "__init__.py")):
-        raise PackLoadError("{} has no __init__.py".format(root))
+        raise PackLoadError(f"{root} has no __init__.py")
 
     # A fresh custom_nodes dir per attempt: a failed load can be retried.
     custom_nodes = tempfile.mkdtemp(prefix="custom_nodes_", dir=_state["work_dir"])
@@ -292,7 +293,7 @@ def pack_module(repo_root, name):
     pack (``"nodes.comfy.sites"``, ``"models.ipadapter"``)."""
     root = os.path.realpath(os.fspath(repo_root))
     if root not in _state["pack_modules"]:
-        raise ComfyHostError("the pack at {} is not loaded (call load_pack first)".format(root))
+        raise ComfyHostError(f"the pack at {root} is not loaded (call load_pack first)")
     full = "{}.{}".format(_state["pack_modules"][root], name)
     if full not in sys.modules:
         importlib.import_module(full)
@@ -476,12 +477,12 @@ def _map_widget_values(class_type, values):
     if isinstance(values, dict):  # some frontend extensions save widgets by name
         unknown = [k for k in values if k not in {n for n, _, _ in widgets}]
         mapping = {n: values[n] for n, _, _ in widgets if n in values}
-        return mapping, ["unknown widget(s) {}".format(unknown)] if unknown else []
+        return mapping, [f"unknown widget(s) {unknown}"] if unknown else []
     mapping = {}
     i = 0
     for k, (name, typ, opts) in enumerate(widgets):
         if i >= len(values):
-            problems.append("{} widget values but the node has more widgets (missing '{}')".format(len(values), name))
+            problems.append(f"{len(values)} widget values but the node has more widgets (missing '{name}')")
             return mapping, problems
         mapping[name] = values[i]
         i += 1
@@ -495,8 +496,7 @@ def _map_widget_values(class_type, values):
             elif _has_upload_widget(opts) and (nxt is None or isinstance(nxt, str)):
                 i += 1  # LoadImage-style upload button value
     if i != len(values):
-        problems.append("{} widget values for {} widget inputs {}".format(len(values), len(widgets),
-                                                                          [w[0] for w in widgets]))
+        problems.append(f"{len(values)} widget values for {len(widgets)} widget inputs {[w[0] for w in widgets]}")
     for name, typ, _ in widgets:
         if name in mapping and not _value_fits(typ, mapping[name]):
             problems.append("widget '{}' ({}) got {!r}: widget values out of step with the definition".format(
@@ -598,27 +598,27 @@ def check_ui_workflow(ui):
     problems = []
     for nid, node in sorted(nodes_by_id.items(), key=lambda kv: _node_sort_key(kv[0])):
         ntype = node.get("type")
-        where = "node {} ({})".format(nid, ntype)
+        where = f"node {nid} ({ntype})"
         if ntype in FRONTEND_ONLY:
             continue
         if ntype not in nodes.NODE_CLASS_MAPPINGS:
-            problems.append("{}: unknown node type".format(where))
+            problems.append(f"{where}: unknown node type")
             continue
         specs = {n: (t, o, opt) for n, t, o, opt in _input_specs(ntype)}
         connected = set()
         for inp in node.get("inputs") or []:
             name = _ui_input_name(inp)
             if name not in specs:
-                problems.append("{}: input '{}' is not in the node definition".format(where, name))
+                problems.append(f"{where}: input '{name}' is not in the node definition")
             elif inp.get("link") is not None:
                 connected.add(name)
         _, wproblems = _map_widget_values(ntype, node.get("widgets_values"))
-        problems += ["{}: {}".format(where, p) for p in wproblems]
+        problems += [f"{where}: {p}" for p in wproblems]
         if node.get("mode", 0) in (MODE_NEVER, MODE_BYPASS):
             continue
         for name, (typ, opts, optional) in specs.items():
             if not optional and not _is_widget(typ, opts) and name not in connected:
-                problems.append("{}: required input '{}' is not connected".format(where, name))
+                problems.append(f"{where}: required input '{name}' is not connected")
     if problems:
         raise ValueError("UI workflow does not match the node definitions:\n  " + "\n  ".join(problems))
 
@@ -645,7 +645,7 @@ def ui_to_api(ui_workflow):
         if ntype in FRONTEND_ONLY or node.get("mode", 0) in (MODE_NEVER, MODE_BYPASS):
             continue
         if ntype not in nodes.NODE_CLASS_MAPPINGS:
-            raise ValueError("node {}: unknown node type {!r}".format(nid, ntype))
+            raise ValueError(f"node {nid}: unknown node type {ntype!r}")
         inputs, problems = _map_widget_values(ntype, node.get("widgets_values"))
         if problems:
             raise ValueError("node {} ({}): {}".format(nid, ntype, "; ".join(problems)))

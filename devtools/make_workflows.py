@@ -147,9 +147,8 @@ WORKFLOWS = {
 
 def api_to_ui(api: dict) -> dict:
     """Frontend (litegraph 0.4) form of an API graph, laid out in columns by graph depth."""
-    import nodes
-
     import comfy_host
+    import nodes
 
     depth: dict[str, int] = {}
 
@@ -167,7 +166,7 @@ def api_to_ui(api: dict) -> dict:
         specs = comfy_host._input_specs(node["class_type"])
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         widgets, inputs = [], []
-        for name, typ, opts, optional in specs:
+        for name, typ, opts, _optional in specs:
             value = node["inputs"].get(name)
             if comfy_host._is_widget(typ, opts):
                 widgets.append(value if value is not None else opts.get("default"))

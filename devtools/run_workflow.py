@@ -158,10 +158,10 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
     if folder == "checkpoints":
         layout = checkpoint_layout(value)
         writer = tiny_models.write_tiny_sdxl if layout == "sdxl" else tiny_models.write_tiny_sd15
-        return _ensure(os.path.join(out_dir, "tiny_{}.safetensors".format(layout)), lambda p: writer(p, seed))
+        return _ensure(os.path.join(out_dir, f"tiny_{layout}.safetensors"), lambda p: writer(p, seed))
     if folder == "clip_vision":
         kind = clip_vision_kind(value)
-        return _ensure(os.path.join(out_dir, "tiny_clip_vision_{}.safetensors".format(kind)),
+        return _ensure(os.path.join(out_dir, f"tiny_clip_vision_{kind}.safetensors"),
                        lambda p: tiny_models.write_tiny_clip_vision(p, kind, seed))
     if folder == "vae":
         return _ensure(os.path.join(out_dir, "tiny_taesd_vae.safetensors"),
@@ -182,19 +182,15 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         return value
     if folder == "ipadapter":
         family, layout, clip_kind = ipadapter_spec(value)
-        try:
-            import pack_alias
-            pack_alias.register()
-            import tiny_adapters
-        except ImportError as e:  # devtools/tiny_adapters.py not there yet
-            raise SystemExit("cannot generate a tiny IP-Adapter for {!r}: devtools/tiny_adapters.py is missing "
-                             "({})".format(value, e))
+        import pack_alias
+        import tiny_adapters
+
+        pack_alias.register()
         # named after the original, so that behaviour keyed to the public file names (FaceID Plus v2) is kept
         stem = os.path.splitext(os.path.basename(value))[0]
-        path = os.path.join(out_dir, "tiny_{}_{}.safetensors".format(stem, clip_kind))
+        path = os.path.join(out_dir, f"tiny_{stem}_{clip_kind}.safetensors")
         return _ensure(path, lambda p: tiny_adapters.write_tiny_adapter(p, family, layout, clip_kind, seed))
-    raise SystemExit("no tiny substitute for model folder {!r} (file {!r}); add one to run_workflow.py".format(
-        folder, value))
+    raise SystemExit(f"no tiny substitute for model folder {folder!r} (file {value!r}); add one to run_workflow.py")
 
 
 def _sources(api, node_id):
@@ -276,7 +272,7 @@ def main(argv=None):
     missing = [r for r in refs if not _model_present(r[2], r[3])]
     if missing or args.tiny:
         if missing:
-            log.info("missing model files: %s", ", ".join("{}/{}".format(r[2], r[3]) for r in missing))
+            log.info("missing model files: %s", ", ".join(f"{r[2]}/{r[3]}" for r in missing))
         log.info("using tiny random models from %s", args.cache_dir)
         # tiny models give noise-like pictures: a small latent and a few steps check the graph just as well
         if args.size is None:

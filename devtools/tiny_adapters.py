@@ -1,8 +1,9 @@
 """Tiny IP-Adapter checkpoints in the official key layout, with random weights.
 
 The layout (``image_proj.*`` + ``ip_adapter.{2k+1}.to_{k,v}_ip.weight``) is written out explicitly here, key by
-key, from research/methods.md §1.2, independently of the pack's own modules, so loading these files tests the
-pack's loader against the public format (and diffusers' loader reads the very same dicts in the tier-1 tests).
+key, from the public files (h94/IP-Adapter, h94/IP-Adapter-FaceID; tencent-ailab/IP-Adapter ``ip_adapter.py``),
+independently of the pack's own modules, so loading these files tests the pack's loader against the public format
+(and diffusers' loader reads the very same dicts in the tier-1 tests).
 """
 from __future__ import annotations
 

@@ -288,7 +288,7 @@ def _clip_vision_json(kind):
     global _CLIP_VISION_CONFIG_DIR
     if _CLIP_VISION_CONFIG_DIR is None:
         _CLIP_VISION_CONFIG_DIR = tempfile.mkdtemp(prefix="personalize_tiny_clipvision_")
-    path = os.path.join(_CLIP_VISION_CONFIG_DIR, "{}.json".format(kind))
+    path = os.path.join(_CLIP_VISION_CONFIG_DIR, f"{kind}.json")
     if not os.path.exists(path):
         with open(path, "w") as f:
             json.dump(clip_vision_config(kind), f, indent=1)
@@ -316,7 +316,7 @@ def tiny_clip_vision_kind(sd):
     hidden = sd[key].shape[0]
     proj = sd["visual_projection.weight"].shape[0]
     layers = 0
-    while "vision_model.encoder.layers.{}.layer_norm1.weight".format(layers) in sd:
+    while f"vision_model.encoder.layers.{layers}.layer_norm1.weight" in sd:
         layers += 1
     for kind, d in TINY_CLIP_VISION.items():
         if (d["hidden_size"], d["projection_dim"], d["num_hidden_layers"]) == (hidden, proj, layers):
@@ -384,7 +384,7 @@ def _init_module(module, seed, gain_for=None, embed_std=0.5):
     with torch.no_grad():
         for mod_name, mod in module.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
-                full = "{}.{}".format(mod_name, p_name) if mod_name else p_name
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
                 if isinstance(mod, norm_types):
                     val = (1.0 + _randn(gen, p.shape, 0.1)) if p_name == "weight" else _randn(gen, p.shape, 0.05)
                 elif p_name == "bias":
@@ -464,7 +464,7 @@ def _build_checkpoint_sd(kind, seed):
     model = model_config.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
     _init_module(model.diffusion_model, seed, gain_for=_unet_gain)
 
-    clip_model = classes["{}_clip".format(kind)](device="cpu", dtype=torch.float32)
+    clip_model = classes[f"{kind}_clip"](device="cpu", dtype=torch.float32)
     _init_module(clip_model, seed + 1, gain_for=_text_gain, embed_std=0.5)
     clip_sd = {k: v.detach().clone() for k, v in clip_model.state_dict().items()}
 
@@ -507,7 +507,7 @@ def write_tiny_clip_vision(path, kind="vit-h", seed=0):
     """Write a tiny CLIP vision model (transformers key layout) of ``kind`` "vit-h" or "vit-bigG"."""
     _bootstrapped()
     if kind not in TINY_CLIP_VISION:
-        raise ValueError("unknown tiny clip vision kind {!r}; expected one of {}".format(kind, list(TINY_CLIP_VISION)))
+        raise ValueError(f"unknown tiny clip vision kind {kind!r}; expected one of {list(TINY_CLIP_VISION)}")
     import comfy.clip_model
     import comfy.ops
     model = comfy.clip_model.CLIPVisionModelProjection(clip_vision_config(kind), torch.float32, "cpu",
@@ -544,7 +544,7 @@ def _comfy_base_model(obj):
         return obj.model
     if hasattr(obj, "diffusion_model") and hasattr(obj, "model_config"):
         return obj
-    raise TypeError("expected a ComfyUI ModelPatcher or BaseModel, got {!r}".format(type(obj)))
+    raise TypeError(f"expected a ComfyUI ModelPatcher or BaseModel, got {type(obj)!r}")
 
 
 def diffusers_unet_config(unet_config):
@@ -553,7 +553,7 @@ def diffusers_unet_config(unet_config):
     mult = list(unet_config["channel_mult"])
     nrb = list(unet_config["num_res_blocks"])
     if len(set(nrb)) != 1:
-        raise NotImplementedError("diffusers needs the same number of res blocks per level: {}".format(nrb))
+        raise NotImplementedError(f"diffusers needs the same number of res blocks per level: {nrb}")
     widths = [mc * m for m in mult]
     depth_in = unet_config["transformer_depth"]
     per_level = [depth_in[i * nrb[0]] for i in range(len(mult))]
@@ -564,7 +564,7 @@ def diffusers_unet_config(unet_config):
     elif per_level[-1] == mid:
         layers_per_level = [max(d, 1) for d in per_level]
     else:
-        raise NotImplementedError("middle transformer depth {} != last level depth {}".format(mid, per_level[-1]))
+        raise NotImplementedError(f"middle transformer depth {mid} != last level depth {per_level[-1]}")
 
     num_heads = unet_config.get("num_heads", -1)
     head_ch = unet_config.get("num_head_channels", -1)
@@ -630,15 +630,14 @@ def to_diffusers_unet(model_patcher_or_comfy_model, dtype=torch.float32):
             continue
         src = comfy_sd[ck]
         if tuple(src.shape) != tuple(tensor.shape):
-            raise ValueError("shape mismatch for {} <- {}: {} vs {}".format(dk, ck, tuple(tensor.shape),
-                                                                             tuple(src.shape)))
+            raise ValueError(f"shape mismatch for {dk} <- {ck}: {tuple(tensor.shape)} vs {tuple(src.shape)}")
         new_sd[dk] = src.detach().clone().to(torch.float32)
     if missing:
-        raise ValueError("no ComfyUI weight for diffusers keys: {}".format(missing[:20]))
+        raise ValueError(f"no ComfyUI weight for diffusers keys: {missing[:20]}")
     unet.load_state_dict(new_sd, strict=True, assign=True)
     leftover = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
     if leftover:
-        raise ValueError("diffusers tensors without a ComfyUI source: {}".format(leftover[:20]))
+        raise ValueError(f"diffusers tensors without a ComfyUI source: {leftover[:20]}")
     if dtype != torch.float32:
         unet = unet.to(dtype)
     return unet.eval()

@@ -1,6 +1,7 @@
 """Stand-in ONNX models for the insightface packs (tests and benches; no real weights anywhere).
 
-Tiny models (research/face.md §3), written with ``onnx.helper`` (opset 13), byte-deterministic:
+Tiny models (the inputs and outputs of insightface's ``model_zoo`` SCRFD / ArcFaceONNX), written with ``onnx.helper``
+(opset 13), byte-deterministic:
 - ``blob_detector``: same signature as SCRFD-10G with keypoints (input ``[1, 3, ?, ?]``, 9 outputs
   ``score/bbox/kps`` at strides 8, 16, 32, 2 anchors, 2-D outputs). It finds bright squares on a dark background:
   per stride s the grey image is averaged into s x s cells; a location scores ``sigmoid(GAIN * (mean of the 3x3

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(ValueError):

@@ -7,13 +7,14 @@ Vocabulary (ComfyUI's, see comfy/ldm/modules/diffusionmodules/openaimodel.py):
 - a *site* is one cross-attention (attn2) layer: ``(block, block_id, block_index)``.
 IP-Adapter checkpoints number their layers by the position of the processor in diffusers'
 ``unet.attn_processors``: down blocks, then up blocks, then the mid block, attn1 and attn2 interleaved, so the
-k-th cross-attention site in that order carries the keys ``f"{2k+1}.to_k_ip.weight"`` (research/methods.md §1.2).
+k-th cross-attention site in that order carries the keys ``f"{2k+1}.to_k_ip.weight"`` (tencent-ailab/IP-Adapter
+``ip_adapter.py`` ``IPAdapter.load_ip_adapter``: ``ip_adapter`` is loaded into
+``torch.nn.ModuleList(unet.attn_processors.values())``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-BLOCK_ORDER_EXECUTION = ("input", "middle", "output")
 # diffusers registers down_blocks and up_blocks before mid_block, so attn_processors lists the mid block last.
 BLOCK_ORDER_ADAPTER = ("input", "output", "middle")
 
@@ -80,7 +81,7 @@ LAYOUT_TRANSFORMERS = {"sd15": SD15_TRANSFORMERS, "sdxl": SDXL_TRANSFORMERS}
 LAYOUT_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 # ---------------------------------------------------------------------------------------------------------------
-# Weight types. Conventions of ComfyUI_IPAdapter_plus, which users' workflows rely on (anchor-packs.md §1.5);
+# Weight types. Conventions of ComfyUI_IPAdapter_plus (``IPAdapterPlus.py``, ``WEIGHT_TYPES``), which users' workflows rely on;
 # none of them is part of the IP-Adapter paper. Tables are keyed by transformer_index.
 
 # "ease" curves: w * (EASE_FLOOR + EASE_SPAN * f(t / L)), L = number of transformers (16 SD1.5, 11 SDXL).
@@ -89,10 +90,10 @@ EASE_FLOOR, EASE_SPAN = 0.05, 0.95
 WEAK_FACTOR = 0.2
 # Style / composition layers (InstantStyle, Wang et al. 2024: SDXL up_blocks.0.attentions.1 carries style,
 # down_blocks.2.attentions.1 carries layout; SD1.5 tables are the popular pack's).
-STYLE_LAYERS = {"sdxl": {6: 1.0}, "sd15": {t: 1.0 for t in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)}}
+STYLE_LAYERS = {"sdxl": {6: 1.0}, "sd15": dict.fromkeys((0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15), 1.0)}
 STRONG_STYLE_LAYERS = {
-    "sdxl": {t: 1.0 for t in (0, 1, 2, 4, 5, 6, 7, 8, 9, 10)},
-    "sd15": {t: 1.0 for t in (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)},
+    "sdxl": dict.fromkeys((0, 1, 2, 4, 5, 6, 7, 8, 9, 10), 1.0),
+    "sd15": dict.fromkeys((0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1.0),
 }
 COMPOSITION_LAYERS = {"sdxl": {3: 1.0}, "sd15": {4: 0.25, 5: 1.0}}
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import logging
 import os
 
+import folder_paths
 import numpy as np
 import torch
 
-import folder_paths
-
-from ..models.face import (CROP_SIZES, MODEL_PACKS, PROVIDERS, SELECTIONS, FaceAnalysis, FaceEmbeds,
-                           find_model_pack, image_to_uint8, list_model_packs)
+from ..models.face import (
+    CROP_SIZES,
+    MODEL_PACKS,
+    PROVIDERS,
+    SELECTIONS,
+    FaceAnalysis,
+    FaceEmbeds,
+    find_model_pack,
+    image_to_uint8,
+    list_model_packs,
+)
 
 log = logging.getLogger("personalize")
 

@@ -5,9 +5,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-import torch
-
 import folder_paths
+import torch
 
 from ..models.attention import EMBEDS_SCALING
 from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images

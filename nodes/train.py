@@ -13,7 +13,7 @@ from comfy.utils import ProgressBar
 from ..training import export, run
 from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
 from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
-from ..training.trainer import CLASS_PROMPT, INSTANCE_PROMPT, TrainConfig, Trainer, losses_table
+from ..training.trainer import INSTANCE_PROMPT, TrainConfig, Trainer, losses_table
 from .comfy import denoiser as comfy_denoiser
 from .comfy import folders, text, weights
 

@@ -6,6 +6,8 @@ reconstruction / DreamBooth prior / SuDe / PALP losses, a deterministic resumabl
 - ``lora``: :class:`~.lora.LoRASet` of :class:`~.lora.LoRADelta` weight functions, ``disabled()`` for the frozen base.
 - ``trainer``: :class:`~.trainer.TrainConfig`, :class:`~.trainer.Trainer` over any ``denoiser(x_t, t, context)``.
 - ``export``: LoRA in ComfyUI's LoraLoader key format, token embeddings, resumable states.
+- ``run``: what every host that trains shares: subject images, class images cached per model, validation samples,
+  the save / checkpoint / stop schedule around ``Trainer.train``.
 - ``diffusers_host``: the same on a diffusers UNet + CLIP text encoder; ``cli``: the command line
   (``python training/cli.py --config run.json``, multi-GPU through ``accelerate launch``).
 - ``sampling``: DDIM with classifier-free guidance (class images, validation samples).

@@ -52,17 +52,6 @@ def lora_to_comfy(lora: LoRASet, to_ldm=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def comfy_to_lora_state(state: Mapping[str, torch.Tensor], from_ldm=None) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`lora_to_comfy` (``from_ldm`` maps LDM paths back to host paths)."""
-    out = {}
-    for key, value in state.items():
-        if not key.startswith(LORA_PREFIX):
-            continue
-        name, suffix = _split(key[len(LORA_PREFIX):])
-        out[(from_ldm(name) if from_ldm else name) + suffix] = value
-    return out
-
-
 def _split(key: str) -> tuple[str, str]:
     for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
         if key.endswith(suffix):
@@ -93,17 +82,6 @@ def save_embedding(vectors: torch.Tensor, path: str, metadata: Mapping[str, str]
         tensors[key] = vectors[:, start:start + width].contiguous()
         start += width
     return atomic_save_safetensors(tensors, path, metadata)
-
-
-def load_embedding(path: str, parts: Sequence[tuple[str, int]] | None = None) -> torch.Tensor:
-    """The inverse of :func:`save_embedding`."""
-    data = load_file(path)
-    keys = [EMBEDDING_KEY] if not parts or len(parts) == 1 else [k for k, _ in parts]
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise CheckpointError(f"{path} has no {missing} tensor (keys: {sorted(data)[:5]}); not a token embedding "
-                              "saved by this trainer")
-    return torch.cat([data[k].reshape(-1, data[k].shape[-1]) for k in keys], dim=1)
 
 
 def save_state(tensors: Mapping[str, torch.Tensor], info: Mapping, path: str) -> str:

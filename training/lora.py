@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 # Attention projections of SD UNet transformer blocks (LDM and diffusers name them alike): q, k, v and the output
 # projection of self- (attn1) and cross-attention (attn2). PALP: "LoRA on self- and cross-attention projection
@@ -154,14 +154,6 @@ def attach(model: nn.Module, lora: LoRASet) -> None:
             m.forward = _conv_forward(m, delta)
         else:
             raise ValueError(f"LoRA target {name!r} is a {type(m).__name__}, not a Linear or Conv2d of the model")
-
-
-def detach_lora(model: nn.Module, lora: LoRASet) -> None:
-    modules = dict(model.named_modules())
-    for name, _ in lora.items():
-        m = modules.get(name)
-        if m is not None and "forward" in m.__dict__:
-            del m.forward
 
 
 def _linear_forward(m: nn.Linear, delta: LoRADelta):

@@ -31,8 +31,15 @@ import torch
 from . import conditioning as cond
 from . import export
 from .lora import ATTENTION_TARGETS, DEFAULT_RANK, LoRASet
-from .losses import (PALP_ALPHA, PALP_BETA, SUDE_WEIGHT, palp_loss, palp_residual, prior_preservation_loss,
-                     reconstruction_loss, sude_loss)
+from .losses import (
+    PALP_ALPHA,
+    PALP_BETA,
+    palp_loss,
+    palp_residual,
+    prior_preservation_loss,
+    reconstruction_loss,
+    sude_loss,
+)
 from .schedule import NoiseSchedule
 
 log = logging.getLogger("personalize")
@@ -40,11 +47,10 @@ log = logging.getLogger("personalize")
 TERMS = ("reconstruction", "prior", "sude", "palp")
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # DreamBooth LoRA defaults (diffusers examples/dreambooth/train_dreambooth_lora.py): lr 1e-4, max_grad_norm 1.0,
-# AdamW weight decay 1e-2, prior_loss_weight 1.0.
+# AdamW weight decay 1e-2.
 DEFAULT_LR = 1e-4
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 1e-2
-PRIOR_WEIGHT = 1.0
 # PALP's personalization prompt is "A photo of [V]" (paper Sec. 4); SuDe's are "photo of a sks <class>" and
 # "photo of a <class>" (reference configs). {token} and {class_word} are filled in.
 INSTANCE_PROMPT = "a photo of {token} {class_word}"
@@ -136,7 +142,7 @@ class Trainer:
             if token_init is None:
                 raise ValueError("train_token is on but no initial embedding was given (use the class word's embedding)")
             self.token = torch.nn.Parameter(token_init.detach().float().clone().reshape(-1, token_init.shape[-1]).to(self.device))
-        groups = [{"params": [p for p in lora.parameters()], "lr": config.learning_rate}]
+        groups = [{"params": list(lora.parameters()), "lr": config.learning_rate}]
         if self.token is not None:
             groups.append({"params": [self.token], "lr": config.token_learning_rate or config.learning_rate,
                            "weight_decay": 0.0})

@@ -34,18 +34,46 @@ patches a name must patch it in the module that looks it up (e.g. ``face.runtime
 """
 from __future__ import annotations
 
-from .analysis import (DET_RETRY_SIZES, DET_SIZE, SELECTIONS, FaceAnalysis, FaceEmbeds, order_left_to_right,
-                       select_face)
-from .detection import (DET_INPUT_MEAN, DET_INPUT_STD, DET_THRESH, NMS_THRESH, SCRFD_HEADS, Detector, Recognizer,
-                        nms)
+from .analysis import DET_RETRY_SIZES, DET_SIZE, SELECTIONS, FaceAnalysis, FaceEmbeds, order_left_to_right, select_face
+from .detection import DET_INPUT_MEAN, DET_INPUT_STD, DET_THRESH, NMS_THRESH, SCRFD_HEADS, Detector, Recognizer, nms
 from .errors import FaceAnalysisError, NoFaceError
-from .image import (ARCFACE_ALT_SIZE, ARCFACE_SIZE, ARCFACE_TEMPLATE, CROP_SIZES, alignment_matrix,
-                    alignment_template, image_to_uint8, norm_crop, resize_linear, umeyama_similarity, warp_affine)
-from .packs import (AUXILIARY_FILES, MODEL_PACKS, MXNET_PROBE_NODES, MXNET_REC_INPUT_MEAN, MXNET_REC_INPUT_STD,
-                    PACK_FILES, REC_INPUT_MEAN, REC_INPUT_STD, find_model_pack, list_model_packs, onnx_node_names,
-                    recognizer_mean_std, route_model)
-from .runtime import (CPU_PROVIDER, INSTALL_HINT, PROVIDERS, OnnxRuntimeMissing, create_session, import_onnxruntime,
-                      session_providers)
+from .image import (
+    ARCFACE_ALT_SIZE,
+    ARCFACE_SIZE,
+    ARCFACE_TEMPLATE,
+    CROP_SIZES,
+    alignment_matrix,
+    alignment_template,
+    image_to_uint8,
+    norm_crop,
+    resize_linear,
+    umeyama_similarity,
+    warp_affine,
+)
+from .packs import (
+    AUXILIARY_FILES,
+    MODEL_PACKS,
+    MXNET_PROBE_NODES,
+    MXNET_REC_INPUT_MEAN,
+    MXNET_REC_INPUT_STD,
+    PACK_FILES,
+    REC_INPUT_MEAN,
+    REC_INPUT_STD,
+    find_model_pack,
+    list_model_packs,
+    onnx_node_names,
+    recognizer_mean_std,
+    route_model,
+)
+from .runtime import (
+    CPU_PROVIDER,
+    INSTALL_HINT,
+    PROVIDERS,
+    OnnxRuntimeMissing,
+    create_session,
+    import_onnxruntime,
+    session_providers,
+)
 
 __all__ = [
     "ARCFACE_ALT_SIZE", "ARCFACE_SIZE", "ARCFACE_TEMPLATE", "AUXILIARY_FILES", "CPU_PROVIDER", "CROP_SIZES",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ class FaceAnalysis:
         return list(self.detector.session.get_providers())
 
     @classmethod
-    def from_folder(cls, folder: str, provider: str = "CPU", name: str | None = None) -> "FaceAnalysis":
+    def from_folder(cls, folder: str, provider: str = "CPU", name: str | None = None) -> FaceAnalysis:
         """Load the first detector and the first recognizer among ``folder/*.onnx`` (sorted), routed by I/O."""
         name = name or os.path.basename(os.path.normpath(folder))
         files = sorted(glob.glob(os.path.join(folder, "*.onnx")))
@@ -142,7 +143,7 @@ class FaceAnalysis:
         return cls(det, rec, name, provider)
 
     @classmethod
-    def from_pack(cls, name: str, roots: Sequence[str], provider: str = "CPU") -> "FaceAnalysis":
+    def from_pack(cls, name: str, roots: Sequence[str], provider: str = "CPU") -> FaceAnalysis:
         return cls.from_folder(find_model_pack(name, roots), provider, name)
 
     def detect(self, img: np.ndarray, det_sizes: Sequence[int] = DET_RETRY_SIZES, image_index: int = 0):

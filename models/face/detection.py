@@ -2,7 +2,7 @@
 (``model_zoo/arcface_onnx.py``) on onnxruntime sessions."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Errors of face analysis shared by the modules of the package (this module imports none of them)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class FaceAnalysisError(ValueError):

@@ -11,7 +11,7 @@ import glob
 import logging
 import mmap
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import FaceAnalysisError
 

@@ -6,7 +6,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import FaceAnalysisError
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 import comfy.model_base
 import comfy.model_management as mm
+import torch
 
 from ...training import conditioning
 from ...training.schedule import NoiseSchedule

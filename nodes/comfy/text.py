@@ -1,9 +1,8 @@
 """Text encoding through ComfyUI's own CLIP, with a trainable token [V] in the slots ComfyUI's tokenizer gives it."""
 from __future__ import annotations
 
-import torch
-
 import folder_paths
+import torch
 
 from ...training import conditioning, export
 

@@ -2,10 +2,9 @@
 dtype."""
 from __future__ import annotations
 
-import torch
-
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management as mm
+import torch
 
 from ...models.layers import Site, Transformer, sites_from_transformers
 

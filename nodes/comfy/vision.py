@@ -1,9 +1,8 @@
 """CLIP vision features of ComfyUI's CLIP_VISION models, as the image-prompt adapters take them."""
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management as mm
+import torch
 
 
 def clip_vision_width(clip_vision, feature: str) -> int:

@@ -1,12 +1,11 @@
 """Weights under ComfyUI's model management: adapter modules, LoRA files, and trainable weight wrappers."""
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.utils
+import torch
 
 from ...training.lora import LoRASet, select_targets
 from ...training.run import fingerprint

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed: face analy
 pytest.importorskip("onnx", reason="onnx not installed: the tiny ONNX face models cannot be written")
 
 import tiny_onnx_faces as tiny  # noqa: E402
+
 from comfyui_personalize.models import face  # noqa: E402
 
 # (x, y, side, value): one square per detector stride, different brightness -> different scores
@@ -150,7 +151,7 @@ def _tiny_embedding(crop112, mean, std, seed=0):
 def test_face_embeds_contents(fa):
     rng = np.random.default_rng(1)
     imgs = []
-    for k in range(2):
+    for _ in range(2):
         img = tiny.squares_image(480, 640, SQUARES)
         img[64:112, 128:176] = rng.integers(200, 256, (48, 48, 3), dtype=np.uint8)
         imgs.append(img)

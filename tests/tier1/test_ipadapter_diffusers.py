@@ -8,10 +8,10 @@ cross-attention sites) at small widths.
 import copy
 
 import pytest
+import tiny_adapters
 import torch
 from diffusers import UNet2DConditionModel
 
-import tiny_adapters
 from comfyui_personalize.models.diffusers_host import install_patch
 from comfyui_personalize.models.ipadapter import IPAdapterModel, IPAdapterPatch, project_images
 
@@ -22,7 +22,7 @@ CLIP_TOKENS = 257  # 16x16 patches + class token, as ViT-H/14 at 224 px
 TOL = 1e-5
 
 
-def tiny_unet() -> UNet2DConditionModel:
+def sd15_topology_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
@@ -41,7 +41,7 @@ def cross_widths(unet) -> list[int]:
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet()
+    return sd15_topology_unet()
 
 
 def features(family: str, n: int, seed: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ def run_both(unet, family, scale, n_images=1, batch=1, seed=0):
     assert adapter.spec.family == family and adapter.spec.layout == "sd15"
     with torch.no_grad():
         tok_c, tok_u = project_images(adapter, cond, uncond, "concat")
-        patch = IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)})
+        patch = IPAdapterPatch(adapter, tok_c, tok_u, dict.fromkeys(range(16), (scale, False)))
         install_patch(ours, patch, len(adapter.spec.widths), chunks=[1, 0])
         out = ours(x, t, encoder_hidden_states=text).sample
         plain = unet(x, t, encoder_hidden_states=text).sample
@@ -144,7 +144,7 @@ def test_faceid_matches_diffusers(unet, family, shortcut, n_images):
     with torch.no_grad():
         tok_c, tok_u = project_images(adapter, ids, uncond_ids, "concat", clip=(clip_c, clip_u) if plus else None,
                                       shortcut_scale=shortcut)
-        install_patch(ours, IPAdapterPatch(adapter, tok_c, tok_u, {k: (scale, False) for k in range(16)}), 16, chunks=[1, 0])
+        install_patch(ours, IPAdapterPatch(adapter, tok_c, tok_u, dict.fromkeys(range(16), (scale, False))), 16, chunks=[1, 0])
         out = ours(x, t, encoder_hidden_states=text).sample
         plain = unet(x, t, encoder_hidden_states=text).sample
     assert (out - out_ref).abs().max().item() <= TOL
