@@ -3,15 +3,22 @@ import os
 import pickle
 
 import pytest
+import tiny_adapters
 import torch
 
-import tiny_adapters
 from comfyui_personalize.models.attention import SiteCall, attention, ip_attention, token_grid
 from comfyui_personalize.models.checkpoints import CheckpointError, load_file
-from comfyui_personalize.models.ipadapter import (IPAdapterModel, IPAdapterPatch, IPAEmbeds, combine_features,
-                                                  detect_family, project_images)
-from comfyui_personalize.models.layers import (SD15_TRANSFORMERS, SDXL_TRANSFORMERS, layer_weights,
-                                               sites_from_transformers)
+from comfyui_personalize.models.ipadapter import (
+    FAMILIES,
+    IPAdapterModel,
+    IPAdapterPatch,
+    IPAEmbeds,
+    check_model,
+    combine_features,
+    detect_family,
+    project_images,
+)
+from comfyui_personalize.models.layers import SD15_TRANSFORMERS, SDXL_TRANSFORMERS, layer_weights, sites_from_transformers
 
 SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]  # adapter order
 SDXL_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
@@ -39,7 +46,7 @@ def resampler(dim, emb, out, heads=None):
     return sd
 
 
-# Shapes of the public files (research/methods.md §1.2, anchor-packs.md §1.4).
+# Shapes of the public files (h94/IP-Adapter models/ and sdxl_models/, h94/IP-Adapter-FaceID).
 OFFICIAL = {
     "ip-adapter_sd15": ({"proj.weight": meta(3072, 1024), "norm.weight": meta(768)}, SD15_WIDTHS, 768, ("base", "sd15", 1024, 4)),
     "ip-adapter_sd15_vit-G": ({"proj.weight": meta(3072, 1280), "norm.weight": meta(768)}, SD15_WIDTHS, 768, ("base", "sd15", 1280, 4)),
@@ -60,6 +67,35 @@ def test_detects_official_layouts(name):
     assert spec.widths == tuple(widths)
     if family == "plus":
         assert spec.proj_config["heads"] == (12 if layout == "sd15" else 20)
+
+
+def test_check_model_pairs_adapters_with_models():
+    """The pairing check is host-free: it takes what a host found in its UNet (transformers, sites, context width)."""
+    sd15 = detect_family(OFFICIAL["ip-adapter_sd15"][0], official_layers(SD15_WIDTHS, 768))
+    sdxl = detect_family(OFFICIAL["ip-adapter_sdxl"][0], official_layers(SDXL_WIDTHS, 2048))
+    t15 = list(SD15_TRANSFORMERS)
+    # one width per transformer in execution order (SD15_WIDTHS is in adapter order, the middle block last)
+    by_transformer = [SD15_WIDTHS[s.adapter_index] for s in sites_from_transformers(t15)]
+    sites15 = sites_from_transformers(t15, by_transformer)
+    check_model(sd15, t15, sites15, 768)
+    with pytest.raises(ValueError, match=r"for SDXL \(70 layers\) but the model is SD1.5"):
+        check_model(sdxl, t15, sites15, 768)
+    with pytest.raises(ValueError, match="takes 1024 and has"):  # an SD2.x UNet: same layout, other context width
+        check_model(sd15, t15, sites15, 1024)
+    with pytest.raises(ValueError, match="a UNet with 3 cross-attention layers"):
+        check_model(sd15, t15[:3], sites15[:3], 768)
+
+
+def test_every_family_is_declared_once_and_detected():
+    """Detection only names registered families, and each entry is complete."""
+    seen = {detect_family(p, official_layers(w, c)).family for p, w, c, _ in OFFICIAL.values()}
+    seen |= {detect_family(p, layers).family for p, layers, _ in FACEID.values()}
+    assert seen == set(FAMILIES)
+    for name, fam in FAMILIES.items():
+        assert fam.name == name and fam.description.startswith("IP-Adapter")
+        assert fam.is_faceid == (fam.face_embedding is not None)
+        assert fam.clip_feature in ("image_embeds", "penultimate", None)
+        assert not fam.clip_of_face_crop or (fam.is_faceid and fam.clip_feature == "penultimate")
 
 
 def faceid_mlp(tokens, cross):
@@ -83,7 +119,8 @@ def with_lora(layers):
 # (image_proj, ip_adapter) of the public FaceID files (h94/IP-Adapter-FaceID) -> (family, tokens, clip_dim, heads)
 FACEID = {
     "ip-adapter-faceid_sd15": (faceid_mlp(4, 768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid", 4, 0, None, True)),
-    "ip-adapter-faceid-portrait-v11_sd15": (faceid_mlp(16, 768), official_layers(SD15_WIDTHS, 768), ("faceid-portrait", 16, 0, None, False)),
+    "ip-adapter-faceid-portrait-v11_sd15": (faceid_mlp(16, 768), official_layers(SD15_WIDTHS, 768),
+                                            ("faceid-portrait", 16, 0, None, False)),
     "ip-adapter-faceid_sdxl": (faceid_mlp(4, 2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid", 4, 0, None, True)),
     "ip-adapter-faceid-plusv2_sd15": (faceid_plus(768), with_lora(official_layers(SD15_WIDTHS, 768)), ("faceid-plus", 4, 1280, 12, True)),
     "ip-adapter-faceid-plusv2_sdxl": (faceid_plus(2048), with_lora(official_layers(SDXL_WIDTHS, 2048)), ("faceid-plus", 4, 1280, 32, True)),
@@ -168,7 +205,7 @@ def test_site_tables():
 
 def test_weight_types():
     sd15, sdxl = list(SD15_TRANSFORMERS), list(SDXL_TRANSFORMERS)
-    assert layer_weights("linear", sd15, "sd15", 0.8) == {t: (0.8, False) for t in range(16)}
+    assert layer_weights("linear", sd15, "sd15", 0.8) == dict.fromkeys(range(16), (0.8, False))
     assert layer_weights("style transfer", sdxl, "sdxl", 1.0) == {6: (1.0, False)}
     assert layer_weights("composition", sd15, "sd15", 2.0) == {4: (0.5, False), 5: (2.0, False)}
     sc = layer_weights("style and composition", sdxl, "sdxl", 1.0, composition_weight=0.5)
@@ -205,7 +242,7 @@ def _patch(mask=None, weights=None):
     sd = tiny_adapters.adapter_state_dict("base", [64] * 16, 32, 24, seed=1)
     adapter = IPAdapterModel.from_parts(sd["image_proj"], sd["ip_adapter"])
     cond, uncond = project_images(adapter, torch.randn(1, 24), torch.zeros(1, 24), "concat")
-    return IPAdapterPatch(adapter, cond, uncond, weights or {k: (1.0, False) for k in range(16)}, mask=mask)
+    return IPAdapterPatch(adapter, cond, uncond, weights or dict.fromkeys(range(16), (1.0, False)), mask=mask)
 
 
 def test_patch_cond_uncond_layout():

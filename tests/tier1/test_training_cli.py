@@ -33,16 +33,12 @@ def write_tokenizer(folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def tiny_model(tmp_path_factory, tiny_unet):
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("tiny_sd")
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS,
-                         attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
+    tiny_unet(cross_attention_dim=CROSS).save_pretrained(root / "unet")
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                   norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")

@@ -1,7 +1,8 @@
 """Tier 1: the training core on a tiny diffusers UNet.
 
-- SuDe equals its closed form (methods.md 4.1, derived independently of the posterior-mean code path), per sample,
-  with truncation, and is 0 at t = 0;
+- SuDe equals its closed form (the posterior means' differences worked out by hand, independently of the
+  posterior-mean code path), per sample, with truncation, and is 0 at t = 0; it equals the reference code's
+  formulas (float64 schedule buffers stored as float32) at every t in 1..999 to 1e-5;
 - PALP's surrogate has the gradient of Eq. 6 (autograd through x0-hat), and the rescale multiplies it by
   sqrt(abar)/sqrt(1 - abar) per sample;
 - LoRA switch / export keys; 20 steps lower the reconstruction loss; resume equals an uninterrupted run.
@@ -10,7 +11,6 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from comfyui_personalize.training import export, losses
 from comfyui_personalize.training.diffusers_host import DiffusersDenoiser, unet_lora
@@ -18,15 +18,7 @@ from comfyui_personalize.training.lora import select_targets
 from comfyui_personalize.training.schedule import NoiseSchedule, scaled_linear_alphas_cumprod
 from comfyui_personalize.training.trainer import TrainConfig, Trainer
 
-CROSS = 16
-
-
-def tiny_unet(seed=0, layers_per_block=1):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS, attention_head_dim=4, norm_num_groups=8)
+CROSS = 16  # cross-attention width of the tiny UNet (the ``tiny_unet`` fixture, tests/tier1/conftest.py)
 
 
 SCHEDULE = NoiseSchedule(scaled_linear_alphas_cumprod(), "eps")
@@ -57,7 +49,7 @@ class FakeText:
 
 
 def sude_closed_form(eps_s, eps_c, eps_u, t, w_s):
-    """methods.md 4.1: w_s sqrt(abar_{t-1})(1 - abar_t) / (2 abar_t (1 - abar_{t-1})) [mse(s,c) - mse(s,u)],
+    """w_s sqrt(abar_{t-1})(1 - abar_t) / (2 abar_t (1 - abar_{t-1})) [mse(s,c) - mse(s,u)],
     active iff mse(s,c) - mse(s,u) > -mse(c,u) (no variance epsilon)."""
     ac = scaled_linear_alphas_cumprod()
     out = []
@@ -164,7 +156,7 @@ def test_sude_t0_is_rejected_by_the_posterior():
 
 
 @pytest.fixture(scope="module")
-def unet_lora_pair():
+def unet_lora_pair(tiny_unet):
     unet = tiny_unet()
     lora = unet_lora(unet, ("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn1.to_out.0"), rank=4, alpha=4, seed=0)
     with torch.no_grad():  # non-zero up so that the LoRA matters
@@ -220,7 +212,7 @@ def test_palp_residual_is_imbalanced_cfg():
 # LoRA and export
 
 
-def test_lora_switch_and_targets(unet_lora_pair):
+def test_lora_switch_and_targets(unet_lora_pair, tiny_unet):
     unet, lora = unet_lora_pair
     names = [n for n, _ in unet.named_modules()]
     sel = select_targets(names)
@@ -265,7 +257,7 @@ def test_lora_file_round_trip(unet_lora_pair, tmp_path):
 # training
 
 
-def make_trainer(seed=0, **overrides):
+def make_trainer(tiny_unet, seed=0, **overrides):
     unet = tiny_unet()
     cfg = dict(steps=20, learning_rate=3e-3, rank=4, seed=seed, class_word="dog")
     cfg.update(overrides)
@@ -290,8 +282,8 @@ def eval_reconstruction(trainer, n=16):
     return float(losses.reconstruction_loss(pred, eps).mean())
 
 
-def test_twenty_steps_lower_the_reconstruction_loss():
-    tr = make_trainer(learning_rate=3e-2, batch_size=2)
+def test_twenty_steps_lower_the_reconstruction_loss(tiny_unet):
+    tr = make_trainer(tiny_unet, learning_rate=3e-2, batch_size=2)
     before = eval_reconstruction(tr)
     tr.train(20)
     after = eval_reconstruction(tr)
@@ -299,8 +291,8 @@ def test_twenty_steps_lower_the_reconstruction_loss():
     assert len(tr.history) == 20 and set(tr.history[0]) == {"reconstruction", "total"}
 
 
-def test_all_terms_run_and_are_logged():
-    tr = make_trainer(steps=2, prior_weight=1.0, sude_weight=0.4, palp_weight=1.0,
+def test_all_terms_run_and_are_logged(tiny_unet):
+    tr = make_trainer(tiny_unet, steps=2, prior_weight=1.0, sude_weight=0.4, palp_weight=1.0,
                       palp_prompts=["a sketch of a dog", "a dog in the snow"], grad_accumulation=2, batch_size=2)
     tr.train()
     assert set(tr.history[-1]) == {"reconstruction", "prior", "sude", "palp", "total"}
@@ -319,14 +311,14 @@ def state_of(trainer):
 
 @pytest.mark.parametrize("extra", [{}, {"sude_weight": 0.4, "palp_weight": 0.5, "palp_prompts": ["a sketch of a dog"],
                                         "train_token": True}])
-def test_resume_equals_uninterrupted(tmp_path, extra):
-    full = make_trainer(**extra)
+def test_resume_equals_uninterrupted(tmp_path, extra, tiny_unet):
+    full = make_trainer(tiny_unet, **extra)
     full.train(6)
-    first = make_trainer(**extra)
+    first = make_trainer(tiny_unet, **extra)
     first.train(3)
     path = first.save(str(tmp_path / "run.state.safetensors"))
     del first
-    resumed = make_trainer(**extra)
+    resumed = make_trainer(tiny_unet, **extra)
     resumed.load(path)
     assert resumed.step == 3 and len(resumed.history) == 3
     resumed.train(6)
@@ -339,9 +331,9 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
         assert torch.equal(full.token, resumed.token) and full.token.abs().sum() > 0
 
 
-def test_resume_refuses_another_rank(tmp_path):
-    tr = make_trainer(steps=1)
+def test_resume_refuses_another_rank(tmp_path, tiny_unet):
+    tr = make_trainer(tiny_unet, steps=1)
     tr.train()
     path = tr.save(str(tmp_path / "s.safetensors"))
     with pytest.raises(ValueError, match="rank"):
-        make_trainer(rank=2).load(path)
+        make_trainer(tiny_unet, rank=2).load(path)
