@@ -123,10 +123,9 @@ class TokenPatch(SitePatch):
     """
 
     def __init__(self, tokens: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None):
-        for name, (cond, uncond) in tokens.items():
+        for cond, uncond in tokens.values():
             if cond.shape != uncond.shape:
-                raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ"
-                                 + (f" ({name})" if name not in (None, False) else ""))
+                raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ")
         self.tokens = dict(tokens)
         self.mask = None if mask is None else (mask if mask.ndim == 3 else mask.reshape(-1, *mask.shape[-2:]))
         self._token_cache: dict = {}

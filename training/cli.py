@@ -199,7 +199,9 @@ def prior_latents(run, config, denoiser, text, vae, lora, shape, device) -> torc
     the output folder under a fingerprint of the UNet's weights (:func:`.run.class_latents`)."""
     if run["prior_images"]:
         return encode_latents(vae, load_pixels(run["prior_images"], run["resolution"])).to(device)
-    model_id = fingerprint(denoiser.unet.state_dict().items(), ["diffusers", denoiser.schedule.prediction])
+    schedule = denoiser.schedule
+    model_id = fingerprint([*denoiser.unet.state_dict().items(), ("alphas_cumprod", schedule.alphas_cumprod)],
+                           ["diffusers", schedule.prediction])
     return class_latents(denoiser, lora, text, config.fill(config.class_prompt), run["prior_count"], shape, config.seed,
                          device, run["output_dir"], model_id)
 
