@@ -1,23 +1,46 @@
-"""Safe checkpoint loading and atomic writing.
+"""Safe checkpoint loading, and the one save path for every file the pack writes.
 
-- safetensors first; pickles (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) only through ``torch.load(weights_only=True)``.
-- Every failure raises :class:`CheckpointError` with the path and what to do, never a bare KeyError.
-- Outputs are written to a temporary file next to the target and renamed into place.
+Loading: safetensors first; pickles (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) only through
+``torch.load(weights_only=True)``. Every failure raises :class:`CheckpointError` with the path and what to do.
+
+Saving (:func:`atomic_save_safetensors`): nothing non-finite is written (:class:`NonFiniteError`, the file there
+stays); a file the pack did not write is not replaced unless asked (:class:`ForeignFileError`); the data goes to a
+hidden ``.tmp-*.partial`` file next to the target (an extension no ComfyUI loader lists), which is renamed into place
+or removed; the file gets the user's umask (0644 under the usual 022), as ComfyUI's own outputs. Every file carries
+``personalize_writer`` in its metadata, which is how the pack recognizes its own files.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+# Metadata key and value that mark a file as written by this pack.
+WRITER_KEY, WRITER = "personalize_writer", "ComfyUI-Personalize"
+# Metadata of files written by earlier versions of the pack (before WRITER_KEY): LoRA, state, embeds, token.
+LEGACY_MARKERS = ("personalize_format", "personalize_state")
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".partial"
+# Longest file stem the pack writes: 255 bytes (the usual file-name limit) minus the longest suffix it appends
+# (".state.safetensors") and some room.
+MAX_STEM_BYTES = 200
 
 
 class CheckpointError(ValueError):
     """A model file is missing, unreadable, or not what the node expects."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor to be written holds NaN or Inf: nothing was written."""
+
+
+class ForeignFileError(FileExistsError):
+    """The target exists and was not written by this pack: it was not replaced."""
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -80,16 +103,88 @@ def split_prefixes(data: Mapping[str, Any], prefixes: Mapping[str, tuple[str, ..
     return out
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``tensors`` to ``path`` through a temp file in the same folder and an atomic rename."""
+def file_stem(name: str, what: str = "save name") -> str:
+    """``name`` as a file stem: characters other than letters, digits, ``-_.`` become ``_``; refused when empty or
+    longer than :data:`MAX_STEM_BYTES` (checked before any work starts, not at the first write)."""
+    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
+    if not out.strip("._"):
+        raise ValueError(f"{what} {name!r} is empty after removing characters not allowed in file names")
+    if len(out.encode()) > MAX_STEM_BYTES:
+        raise ValueError(f"{what} is {len(out.encode())} bytes long; file names allow {MAX_STEM_BYTES}: shorten it")
+    return out
+
+
+def read_metadata(path: str) -> dict[str, str] | None:
+    """The metadata of a safetensors file (``{}`` when it has none); None when it is not a readable safetensors
+    file."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None
+
+
+def written_by_pack(path: str) -> bool:
+    """Whether ``path`` is a file this pack wrote (its metadata says so)."""
+    meta = read_metadata(path)
+    if meta is None:
+        return False
+    if meta.get(WRITER_KEY) == WRITER or any(k in meta for k in LEGACY_MARKERS):
+        return True
+    # earlier IP-Adapter embeds and token embeddings: the pack's format tag, or the trainer's token metadata
+    return str(meta.get("format", "")).startswith("personalize.") or {"token", "class_word", "steps"} <= set(meta)
+
+
+def check_replaceable(path: str, overwrite: bool = False) -> None:
+    """Raise :class:`ForeignFileError` if ``path`` exists, was not written by this pack, and ``overwrite`` is off."""
+    if os.path.lexists(path) and not overwrite and not written_by_pack(path):
+        raise ForeignFileError(f"{path} exists and was not written by ComfyUI-Personalize: it was left as it is. "
+                               "Choose another name, or turn on 'overwrite' to replace it")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first floating tensor that holds NaN or Inf."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"{what}: {key} holds NaN or Inf values; nothing was written")
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc, elsewhere set and restored under a lock)."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^Umask:\s*([0-7]+)", f.read(), re.M)
+        if m:
+            return int(m.group(1), 8)
+    except OSError:
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
+                            overwrite: bool = False) -> str:
+    """Write ``tensors`` to ``path``: finite check, ownership check, hidden temp file, umask, atomic rename (see the
+    module docstring). ``overwrite``: replace a file of that name the pack did not write."""
     from safetensors.torch import save_file
 
+    check_finite(tensors, path)
+    check_replaceable(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={**dict(metadata or {}), WRITER_KEY: WRITER})
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600 (safetensors rewrites the file: chmod after)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -26,6 +26,9 @@ CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter."
 RESAMPLER_DIM_HEAD = 64
 # ArcFace embedding width: a projection that takes 512-d input is a FaceID model (insightface buffalo_l/antelopev2).
 ARCFACE_DIM = 512
+# The insightface pack the FaceID models were trained with (h94/IP-Adapter-FaceID model card:
+# FaceAnalysis(name="buffalo_l")).
+FACEID_PACK = "buffalo_l"
 # FaceID Portrait models are the FaceID MLP with 16 tokens (h94/IP-Adapter-FaceID: portrait-v11_sd15, portrait_sdxl).
 PORTRAIT_TOKENS = 16
 
@@ -190,6 +193,7 @@ class Family:
     clip_of_face_crop: bool = False  # the CLIP input is the aligned face crop (FaceID Plus), not the reference image
     shortcut_versions: bool = False  # v1 / v2 files share one layout; v2 adds the ID tokens back (FaceID Plus)
     trained_with_lora: bool = False  # released with a companion LoRA (h94/IP-Adapter-FaceID *_lora.safetensors)
+    face_pack: str | None = None  # the insightface pack its ArcFace embeddings came from in training
 
     @property
     def is_faceid(self) -> bool:
@@ -202,16 +206,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("full-face", "IP-Adapter Full-face", MLPProjModel, _project_clip, "penultimate"),
     # insightface ``normed_embedding`` (h94/IP-Adapter-FaceID model card), trained with a LoRA
     Family("faceid", "IP-Adapter FaceID", FaceIDProjModel, _project_face, None, face_embedding="normed",
-           trained_with_lora=True),
+           trained_with_lora=True, face_pack=FACEID_PACK),
     # the FaceID MLP with PORTRAIT_TOKENS tokens, no LoRA (ip-adapter-faceid-portrait-v11_sd15, -portrait_sdxl)
     Family("faceid-portrait", "IP-Adapter FaceID Portrait", FaceIDProjModel, _project_face, None,
-           face_embedding="normed"),
+           face_embedding="normed", face_pack=FACEID_PACK),
     Family("faceid-plus", "IP-Adapter FaceID Plus (v1 / v2)", FaceIDPlusProjModel, _project_face_and_crop,
            "penultimate", face_embedding="normed", clip_of_face_crop=True, shortcut_versions=True,
-           trained_with_lora=True),
+           trained_with_lora=True, face_pack=FACEID_PACK),
     # a Resampler over the raw ArcFace ``embedding`` (ComfyUI_IPAdapter_plus feeds it one raw embedding per image)
     Family("faceid-portrait-unnorm", "IP-Adapter FaceID Portrait unnorm", Resampler, _project_face_sequence, None,
-           face_embedding="raw"),
+           face_embedding="raw", face_pack=FACEID_PACK),
 )}
 
 
@@ -283,6 +287,28 @@ def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     return sd[key]
 
 
+# Dimensions of the image_proj tensors whose shapes detection reads (also under "perceiver_resampler."): any other
+# layout is a damaged file, refused with its key instead of failing on a shape later.
+DETECTION_NDIM = {"proj.weight": 2, "proj.0.weight": 2, "proj.2.weight": 2, "proj.3.weight": 1, "norm.weight": 1,
+                  "latents": 3, "proj_in.weight": 2, "proj_out.weight": 2, "layers.0.0.to_q.weight": 2,
+                  "layers.0.1.1.weight": 2}
+
+
+def _check_detection_shapes(image_proj: dict[str, torch.Tensor]) -> None:
+    for key, t in image_proj.items():
+        expected = DETECTION_NDIM.get(key.removeprefix("perceiver_resampler."))
+        if expected is not None and (t.ndim != expected or 0 in t.shape):
+            raise CheckpointError(f"image_proj.{key} has shape {tuple(t.shape)}, expected {expected} non-empty "
+                                  "dimensions; the file is damaged or not an IP-Adapter")
+
+
+def _layer_index(key: str) -> int:
+    head = key.split(".")[0]
+    if not head.isdigit():
+        raise CheckpointError(f"ip_adapter key {key!r}: the layers of an IP-Adapter are numbered (1.to_k_ip.weight, ...)")
+    return int(head)
+
+
 def _perceiver_config(sd: dict[str, torch.Tensor], prefix: str, what: str) -> dict[str, int]:
     """dim/depth/heads/embedding_dim/output_dim/ff_mult of a perceiver stack stored under ``prefix``."""
     proj_in = _require(sd, prefix + "proj_in.weight", what)
@@ -304,14 +330,20 @@ def detect_family(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, tor
             f"(found {len(image_proj)} image_proj and {len(ip_adapter)} ip_adapter keys)"
         )
     has_lora = any("_lora." in k for k in ip_adapter)
+    _check_detection_shapes(image_proj)
 
     # Layers: 1.to_k_ip, 3.to_k_ip, ... contiguous.
-    idx = sorted(int(k.split(".")[0]) for k in ip_adapter if k.endswith(".to_k_ip.weight"))
+    idx = sorted(_layer_index(k) for k in ip_adapter if k.endswith(".to_k_ip.weight"))
     if not idx or idx != list(range(1, 2 * len(idx), 2)):
         raise CheckpointError(f"ip_adapter layers are not numbered 1, 3, 5, ...: found {idx[:6]}{'...' if len(idx) > 6 else ''}")
     for i in idx:
         if f"{i}.to_v_ip.weight" not in ip_adapter:
             raise CheckpointError(f"ip_adapter.{i}.to_v_ip.weight is missing")
+        for name in ("to_k_ip", "to_v_ip"):
+            w = ip_adapter[f"{i}.{name}.weight"]
+            if w.ndim != 2 or 0 in w.shape:
+                raise CheckpointError(f"ip_adapter.{i}.{name}.weight has shape {tuple(w.shape)}, expected a matrix; the "
+                                      "file is damaged or not an IP-Adapter")
     widths = tuple(int(ip_adapter[f"{i}.to_k_ip.weight"].shape[0]) for i in idx)
     cross_dim = int(ip_adapter["1.to_k_ip.weight"].shape[1])
     layout = LAYOUTS.get(len(idx))
@@ -389,10 +421,15 @@ class IPAdapterModel(nn.Module):
         spec = detect_family(image_proj, ip_adapter)
         with torch.device("meta"):
             model = cls(spec)
-        layers = {f"{k}.{name}.weight": ip_adapter[f"{2 * k + 1}.{name}.weight"]
-                  for k in range(len(spec.widths)) for name in ("to_k_ip", "to_v_ip")}
+        file_keys = {f"{k}.{name}.weight": f"{2 * k + 1}.{name}.weight"
+                     for k in range(len(spec.widths)) for name in ("to_k_ip", "to_v_ip")}
+        layers = {own: ip_adapter[key] for own, key in file_keys.items()}
+        for part, sd in (("image_proj", image_proj), ("ip_adapter", dict(zip(file_keys.values(), layers.values())))):
+            for key, t in sd.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{part}.{key} holds NaN or Inf values: the file is damaged (download it again)")
         _load_strict(model.image_proj, image_proj, "image_proj")
-        _load_strict(model.ip_layers, layers, "ip_adapter")
+        _load_strict(model.ip_layers, layers, "ip_adapter", file_keys)
         return model.float()
 
     @classmethod
@@ -430,17 +467,20 @@ class IPAdapterModel(nn.Module):
         return family.project(self.image_proj, features.to(p.device, p.dtype), clip, shortcut_scale)
 
 
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], part: str) -> None:
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], part: str, file_keys: dict[str, str] | None = None) -> None:
+    """Load ``sd`` into ``module`` exactly; errors name the file's keys (``file_keys``: module key -> file key)."""
     own = module.state_dict()
+    name = (file_keys or {}).get
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or bad:
         detail = "; ".join(
             s for s in (
-                f"missing {missing[:4]}" if missing else "",
+                f"missing {[name(k, k) for k in missing[:4]]}" if missing else "",
                 f"unexpected {unexpected[:4]}" if unexpected else "",
-                "shape mismatch " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:4]) if bad else "",
+                "shape mismatch " + ", ".join(f"{part}.{name(k, k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                              for k in bad[:4]) if bad else "",
             ) if s
         )
         raise CheckpointError(f"{part} does not match the detected layout: {detail}")
@@ -566,6 +606,11 @@ class IPAEmbeds:
     def __post_init__(self):
         if self.feature not in ("image_embeds", "penultimate"):
             raise ValueError(f"unknown CLIP feature {self.feature!r}")
+        rank = 2 if self.feature == "image_embeds" else 3
+        for name, t in (("cond", self.cond), ("uncond", self.uncond)):
+            if t.ndim != rank:
+                raise ValueError(f"the embeds' {name} has shape {tuple(t.shape)}; CLIP {self.feature} are {rank}-D "
+                                 f"({'images, width' if rank == 2 else 'images, tokens, width'})")
         if self.cond.shape[0] == 0:
             raise ValueError("the embeds hold no image")
         if self.cond.shape[1:] != self.uncond.shape[1:]:
@@ -599,5 +644,11 @@ class IPAEmbeds:
             meta = f.metadata() or {}
         if meta.get("format") != EMBEDS_FORMAT or "cond" not in data or "uncond" not in data:
             raise CheckpointError(f"{path} is not an IP-Adapter embeds file saved by this pack (format {meta.get('format')!r})")
-        return cls(data["cond"], data["uncond"], meta.get("feature", ""))
+        for key in ("cond", "uncond"):
+            if not bool(torch.isfinite(data[key]).all()):
+                raise CheckpointError(f"{path}: {key} holds NaN or Inf values; the file is damaged")
+        try:
+            return cls(data["cond"], data["uncond"], meta.get("feature", ""))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
 

@@ -59,13 +59,13 @@ def _split(key: str) -> tuple[str, str]:
     raise ValueError(f"not a LoRA key: {key}")
 
 
-def save_lora(lora: LoRASet, path: str, to_ldm=None, metadata: Mapping[str, str] | None = None) -> str:
+def save_lora(lora: LoRASet, path: str, to_ldm=None, metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> str:
     meta = {"personalize_format": FORMAT_VERSION, "rank": str(lora.rank), "alpha": str(lora.alpha), **(metadata or {})}
-    return atomic_save_safetensors(lora_to_comfy(lora, to_ldm), path, meta)
+    return atomic_save_safetensors(lora_to_comfy(lora, to_ldm), path, meta, overwrite=overwrite)
 
 
 def save_embedding(vectors: torch.Tensor, path: str, metadata: Mapping[str, str] | None = None,
-                   parts: Sequence[tuple[str, int]] | None = None) -> str:
+                   parts: Sequence[tuple[str, int]] | None = None, overwrite: bool = False) -> str:
     """``(n_vectors, width)`` -> ``{"emb_params": ...}`` (the A1111 / ComfyUI textual-inversion layout, readable by
     ComfyUI as ``embedding:<file name>``). With ``parts`` (``[(key, width), ...]`` for a model with several text
     encoders) the vectors are the encoders' embeddings side by side and are saved one key each, e.g. SDXL's
@@ -74,19 +74,20 @@ def save_embedding(vectors: torch.Tensor, path: str, metadata: Mapping[str, str]
         raise ValueError(f"a token embedding is (n_vectors, width), got {tuple(vectors.shape)}")
     vectors = vectors.detach().float()
     if not parts or len(parts) == 1:
-        return atomic_save_safetensors({EMBEDDING_KEY: vectors}, path, metadata)
+        return atomic_save_safetensors({EMBEDDING_KEY: vectors}, path, metadata, overwrite=overwrite)
     if sum(w for _, w in parts) != vectors.shape[1]:
         raise ValueError(f"embedding width {vectors.shape[1]} does not match the parts {list(parts)}")
     tensors, start = {}, 0
     for key, width in parts:
         tensors[key] = vectors[:, start:start + width].contiguous()
         start += width
-    return atomic_save_safetensors(tensors, path, metadata)
+    return atomic_save_safetensors(tensors, path, metadata, overwrite=overwrite)
 
 
-def save_state(tensors: Mapping[str, torch.Tensor], info: Mapping, path: str) -> str:
+def save_state(tensors: Mapping[str, torch.Tensor], info: Mapping, path: str, overwrite: bool = False) -> str:
     """A resumable training state: tensors plus a JSON ``info`` (step, config, optimizer hyper-parameters)."""
-    return atomic_save_safetensors(tensors, path, {"personalize_state": FORMAT_VERSION, "info": json.dumps(info)})
+    return atomic_save_safetensors(tensors, path, {"personalize_state": FORMAT_VERSION, "info": json.dumps(info)},
+                                   overwrite=overwrite)
 
 
 def load_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:

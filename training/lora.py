@@ -113,15 +113,20 @@ class LoRASet(nn.Module):
         return out
 
     def load_lora_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        saved = {k[: -len(".lora_up.weight")] for k in state if k.endswith(".lora_up.weight")}
+        mine = set(self.names)
+        if saved != mine:
+            raise ValueError(f"the saved LoRA covers {len(saved)} layers, {len(saved & mine)} of them among this model's "
+                             f"{len(mine)} targets: it was trained on another model or with other targets; resume with "
+                             "the same model and targets, or start a new run")
         with torch.no_grad():
             for name, d in self.items():
-                try:
-                    up, down = state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"]
-                except KeyError as e:
-                    raise KeyError(f"LoRA state lacks {e.args[0]}: saved for other targets or another model") from None
+                up, down = state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"]
+                if down.shape[0] != d.rank:
+                    raise ValueError(f"the saved LoRA has rank {down.shape[0]}, this run rank {d.rank}; use the same rank")
                 if up.numel() != d.up.numel() or down.numel() != d.down.numel():
-                    raise ValueError(f"LoRA {name}: saved rank/shape {tuple(up.shape)}x{tuple(down.shape)} != "
-                                     f"{tuple(d.up.shape)}x{tuple(d.down.shape)} (rank {d.rank}); use the same rank")
+                    raise ValueError(f"layer {name} is {tuple(up.shape)} x {tuple(down.shape)} in the saved LoRA but "
+                                     f"{tuple(d.up.shape)} x {tuple(d.down.shape)} here: it was trained on another model")
                 d.up.copy_(up.reshape(d.up.shape))
                 d.down.copy_(down.reshape(d.down.shape))
 

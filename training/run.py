@@ -20,6 +20,10 @@ from .trainer import Trainer
 log = logging.getLogger("personalize")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What a folder named in a prompt may make the server read: this many images, each at most this many pixels a side
+# (checked from the file headers before anything is decoded).
+MAX_FOLDER_IMAGES = 100
+MAX_IMAGE_SIDE = 4096
 # Values of each tensor that enter a model fingerprint: all of a small tensor, this many evenly spaced ones of a
 # large one (two checkpoints of one architecture differ in nearly every weight, so a sample tells them apart).
 FINGERPRINT_SAMPLES = 4096
@@ -42,6 +46,32 @@ def image_files(spec: str | Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"no subject images found ({missing or spec}); give a folder of "
                                 f"{', '.join(IMAGE_EXTENSIONS)} images or a list of files")
     return files
+
+
+def confined_folder(folder: str, root: str, what: str = "image_folder") -> str:
+    """``folder`` (relative to ``root``, or absolute) as a real path inside ``root`` (subfolders allowed, symlinks
+    resolved). Anything outside is refused with a message that says nothing about the path beyond ``root``."""
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, folder))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{what} must be a folder inside ComfyUI's input folder (a subfolder such as 'my_dog'); "
+                         f"{folder!r} is not")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: there is no folder {os.path.relpath(path, root)!r} in ComfyUI's input folder")
+    return path
+
+
+def check_image_files(files: Sequence[str], max_files: int = MAX_FOLDER_IMAGES, max_side: int = MAX_IMAGE_SIDE) -> None:
+    """Refuse more than ``max_files`` images, or one larger than ``max_side`` on a side, from the headers alone."""
+    from PIL import Image
+
+    if len(files) > max_files:
+        raise ValueError(f"{len(files)} images in the folder; at most {max_files} are read: use a folder with fewer")
+    for f in files:
+        with Image.open(f) as im:
+            if max(im.size) > max_side:
+                raise ValueError(f"{os.path.basename(f)} is {im.size[0]}x{im.size[1]} px; images up to {max_side} px "
+                                 "a side are read: downscale it")
 
 
 def load_images(files: Sequence[str], size: int | None = None) -> torch.Tensor:
@@ -85,13 +115,14 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], extra: Sequence = (
 
 
 def class_latents(denoiser: Callable, lora, encode: Callable, prompt: str, count: int, shape: Sequence[int], seed: int,
-                  device, cache_dir: str, model_id: str | None) -> torch.Tensor:
+                  device, cache_dir: str, model_id: str | None, check_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """``count`` class images (latents ``(count, *shape)``) from the frozen base model (LoRA off) on ``prompt``:
     DDIM, guidance and steps of the SuDe / DreamBooth reference (:mod:`.sampling`).
 
     Cached in ``cache_dir`` under a key of the model (``model_id``: a :func:`fingerprint` of its weights), the
     prompt, count, latent shape, seed and sampler settings, so another model never reuses these images; with
-    ``model_id`` None (a model whose state cannot be fingerprinted) nothing is cached."""
+    ``model_id`` None (a model whose state cannot be fingerprinted) nothing is cached. ``check_stop`` is called at every
+    sampler step (it raises to stop: nothing is cached then)."""
     path = None
     if model_id is not None:
         key = hashlib.sha256(json.dumps([model_id, prompt, int(count), list(shape), int(seed), PRIOR_SAMPLING_STEPS,
@@ -106,7 +137,7 @@ def class_latents(denoiser: Callable, lora, encode: Callable, prompt: str, count
         cond, uncond = encode([prompt], None), encode([""], None)
         with lora.disabled():
             latents = torch.cat([ddim_sample(denoiser, denoiser.schedule, noise[i:i + PRIOR_CHUNK], cond, uncond,
-                                             PRIOR_SAMPLING_STEPS, PRIOR_GUIDANCE)
+                                             PRIOR_SAMPLING_STEPS, PRIOR_GUIDANCE, check_stop=check_stop)
                                  for i in range(0, noise.shape[0], PRIOR_CHUNK)])
     if path is not None:
         export.atomic_save_safetensors({"latents": latents}, path)
@@ -121,8 +152,10 @@ class Validation:
     """Samples of the model being trained on one prompt from fixed noise (the same noise at every call, so the
     samples show the run's progress); ``samples`` collects the latents."""
 
-    def __init__(self, trainer: Trainer, prompt: str, steps: int, guidance: float, seed: int):
+    def __init__(self, trainer: Trainer, prompt: str, steps: int, guidance: float, seed: int,
+                 check_stop: Callable[[], None] | None = None):
         self.trainer, self.prompt, self.steps, self.guidance = trainer, prompt, int(steps), float(guidance)
+        self.check_stop = check_stop
         g = torch.Generator().manual_seed(int(seed))
         self.noise = torch.randn(1, *trainer.latents.shape[1:], generator=g).to(trainer.device)
         self.samples: list[torch.Tensor] = []
@@ -133,7 +166,8 @@ class Validation:
         tr = self.trainer
         with torch.no_grad():
             ctx = tr.context([self.prompt]), tr.context([""])
-            self.samples.append(ddim_sample(tr.denoiser, tr.schedule, self.noise, *ctx, self.steps, self.guidance))
+            self.samples.append(ddim_sample(tr.denoiser, tr.schedule, self.noise, *ctx, self.steps, self.guidance,
+                                            check_stop=self.check_stop))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,20 +180,23 @@ class TrainingRun:
     After each step: ``progress(step, losses)``; every ``checkpoint_every`` steps :meth:`save`; every ``validate_every``
     steps (not the last) ``validate()``; then ``check_stop()``, which raises to stop (ComfyUI's Cancel). However
     the loop ends, :meth:`save` runs: the host's outputs (``save_outputs(metadata)``: LoRA, token) and the resumable
-    state at ``state_path``."""
+    state at ``state_path`` (``overwrite``: a file there that the pack did not write may be replaced). A step whose
+    loss or gradient is not finite raises before the update (:meth:`Trainer.train_step`), so what is saved then is
+    the last good state."""
 
     def __init__(self, trainer: Trainer, state_path: str, save_outputs: Callable[[Mapping[str, str]], None],
                  metadata: Mapping[str, str] | None = None, checkpoint_every: int = 0,
                  validate: Callable[[], None] | None = None, validate_every: int = 0,
-                 progress: Callable[[int, Mapping[str, float]], None] | None = None, check_stop: Callable[[], None] | None = None):
+                 progress: Callable[[int, Mapping[str, float]], None] | None = None, check_stop: Callable[[], None] | None = None,
+                 overwrite: bool = False):
         self.trainer, self.state_path, self.save_outputs = trainer, state_path, save_outputs
         self.metadata = dict(metadata or {})
         self.checkpoint_every, self.validate, self.validate_every = int(checkpoint_every), validate, int(validate_every)
-        self.progress, self.check_stop = progress, check_stop
+        self.progress, self.check_stop, self.overwrite = progress, check_stop, overwrite
 
     def save(self) -> None:
         self.save_outputs({**self.metadata, "steps": str(self.trainer.step)})
-        self.trainer.save(self.state_path)
+        self.trainer.save(self.state_path, overwrite=self.overwrite)
 
     def on_step(self, step: int, losses: Mapping[str, float]) -> None:
         if self.progress is not None:

@@ -19,15 +19,19 @@ PRIOR_GUIDANCE = 10.0
 
 @torch.no_grad()
 def ddim_sample(denoiser: Callable, schedule: NoiseSchedule, noise: torch.Tensor, cond: conditioning.Conditioning,
-                uncond: conditioning.Conditioning, steps: int = PRIOR_SAMPLING_STEPS, guidance: float = PRIOR_GUIDANCE) -> torch.Tensor:
+                uncond: conditioning.Conditioning, steps: int = PRIOR_SAMPLING_STEPS, guidance: float = PRIOR_GUIDANCE,
+                check_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """x0 from ``noise`` ``(B, C, H, W)``; ``cond`` / ``uncond`` conditionings of batch B or 1 (a context
-    ``(B, L, D)`` or a tuple, :mod:`.conditioning`). One batched forward (uncond + cond) per step."""
+    ``(B, L, D)`` or a tuple, :mod:`.conditioning`). One batched forward (uncond + cond) per step; ``check_stop()``
+    before each (it raises to stop, e.g. ComfyUI's Cancel)."""
     T = schedule.timesteps
     ts = torch.linspace(T - 1, 0, max(int(steps), 1)).round().long().unique_consecutive()
     b = noise.shape[0]
     ctx = conditioning.to(conditioning.cat([conditioning.expand(uncond, b), conditioning.expand(cond, b)]), noise)
     x = noise
     for i, t in enumerate(ts):
+        if check_stop is not None:
+            check_stop()
         tt = t.repeat(b)
         xin = torch.cat([x, x])
         pred = denoiser(xin, torch.cat([tt, tt]), ctx)

@@ -98,6 +98,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accumulation", "rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # NaN passes every min/max check of a node input: refuse it here
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} is {value}: give a finite number")
+        for name in ("learning_rate", "token_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainConfig:
@@ -113,7 +121,9 @@ class TrainConfig:
         return d
 
     def fill(self, prompt: str) -> str:
-        return prompt.format(token=self.token, class_word=self.class_word)
+        """``{token}`` and ``{class_word}`` filled in; any other text, braces included (``{subject}``, dynamic-prompt
+        syntax), is kept as it is."""
+        return prompt.replace("{token}", self.token).replace("{class_word}", self.class_word)
 
     def weights(self) -> dict[str, float]:
         return {"reconstruction": self.reconstruction_weight, "prior": self.prior_weight, "sude": self.sude_weight,
@@ -264,8 +274,18 @@ class Trainer:
             self.grad_sync(params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # the total gradient norm (clipped when max_grad_norm > 0; with inf nothing changes): one host sync
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0
+                                              else math.inf)
+        finite_loss = all(math.isfinite(v) for v in sums.values())
+        if not finite_loss or (self.scaler is None and not math.isfinite(float(norm))):  # fp16: the scaler skips
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"step {self.step + 1}: the {'loss' if not finite_loss else 'gradient'} is NaN or Inf "
+                f"({', '.join(f'{k} {v:.4g}' for k, v in sums.items())}); the update was not applied, so the LoRA (and "
+                f"token) keep their step-{self.step} values and the files saved so far stay valid. Causes: NaN or Inf in "
+                "the inputs (subject or class images), a learning rate too high, or fp16 overflow (use bf16 or no "
+                "mixed precision)")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -281,10 +301,7 @@ class Trainer:
         may raise to stop (the state stays consistent: it is called between steps)."""
         until = self.config.steps if until is None else until
         while self.step < until:
-            losses = self.train_step()
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"step {self.step}: non-finite loss {losses}; lower the learning rate or "
-                                         "turn off fp16 mixed precision")
+            losses = self.train_step()  # raises before the update when the loss or the gradient is not finite
             if callback is not None:
                 callback(self.step, losses)
 
@@ -307,9 +324,9 @@ class Trainer:
                 "history": self.history}
         return tensors, info
 
-    def save(self, path: str) -> str:
+    def save(self, path: str, overwrite: bool = False) -> str:
         tensors, info = self.state_tensors()
-        return export.save_state(tensors, info, path)
+        return export.save_state(tensors, info, path, overwrite=overwrite)
 
     def load(self, path: str) -> None:
         """Resume from a state written by :meth:`save` (LoRA, token, optimizer, step, RNG, loss history)."""
