@@ -121,7 +121,7 @@ def _maybe_await(value):
     return value
 
 
-def bootstrap(comfyui_path, output_dir=None, load_extras=True):
+def bootstrap(comfyui_path, output_dir=None, load_extras=True, input_dir=None):
     """Import ComfyUI from ``comfyui_path`` as a CPU-only library (idempotent).
 
     * puts the checkout at the front of ``sys.path`` (never the pack's root);
@@ -129,7 +129,9 @@ def bootstrap(comfyui_path, output_dir=None, load_extras=True):
     * imports ``utils.extra_config`` first (as ``main.py``), then ``nodes`` and
       ``execution``, and (``load_extras``) the built-in ``comfy_extras`` nodes;
     * sets ComfyUI's output and temp directories to ``output_dir`` (default: a
-      fresh temporary directory removed at exit).
+      fresh temporary directory removed at exit), and its input directory to
+      ``input_dir`` when given (tests: so that nothing is written into the
+      checkout's ``input/``).
 
     Returns the ``nodes`` module.  Calling it again with the same checkout is a
     no-op; a different checkout in the same process raises.
@@ -141,6 +143,8 @@ def bootstrap(comfyui_path, output_dir=None, load_extras=True):
                 _state["comfyui_path"], real))
         if output_dir is not None:
             _set_output_dirs(output_dir)
+        if input_dir is not None:
+            _set_input_dir(input_dir)
         return sys.modules["nodes"]
 
     if not os.path.isfile(os.path.join(real, "nodes.py")) or not os.path.isdir(os.path.join(real, "comfy")):
@@ -175,6 +179,8 @@ def bootstrap(comfyui_path, output_dir=None, load_extras=True):
     atexit.register(shutil.rmtree, work, True)
     _set_output_dirs(output_dir or os.path.join(work, "output"))
     folder_paths.set_temp_directory(os.path.join(work, "temp"))
+    if input_dir is not None:
+        _set_input_dir(input_dir)
 
     if load_extras:
         with _capture_logs(logging.WARNING, quiet=True):
@@ -192,6 +198,13 @@ def _set_output_dirs(output_dir):
     output_dir = os.path.abspath(os.fspath(output_dir))
     os.makedirs(output_dir, exist_ok=True)
     folder_paths.set_output_directory(output_dir)
+
+
+def _set_input_dir(input_dir):
+    import folder_paths
+    input_dir = os.path.abspath(os.fspath(input_dir))
+    os.makedirs(input_dir, exist_ok=True)
+    folder_paths.set_input_directory(input_dir)
 
 
 def _is_inside(path, root):
@@ -464,44 +477,51 @@ def _has_upload_widget(opts):
 
 
 def _map_widget_values(class_type, values):
-    """Map a node's ``widgets_values`` onto its widget inputs.
+    """Map a node's ``widgets_values`` onto its widget inputs, as the frontend does: by position, with the
+    frontend-only values (the control-after-generate mode after seeds, the upload button of LoadImage) taken where
+    they are present. Values missing at the end are the defaults of optional widgets (a workflow saved before an
+    optional input was added loads); a missing required widget is a problem.
 
-    Returns ``(mapping, problems)``.  Extra frontend-only values (the
-    control-after-generate mode after seeds, the upload button of LoadImage)
-    are skipped when present.
+    Returns ``(mapping, problems)``.
     """
     problems = []
-    widgets = [(n, t, o) for n, t, o, _ in _input_specs(class_type) if _is_widget(t, o)]
+    widgets = [(n, t, o, opt) for n, t, o, opt in _input_specs(class_type) if _is_widget(t, o)]
     if values is None:
         values = []
     if isinstance(values, dict):  # some frontend extensions save widgets by name
-        unknown = [k for k in values if k not in {n for n, _, _ in widgets}]
-        mapping = {n: values[n] for n, _, _ in widgets if n in values}
+        unknown = [k for k in values if k not in {n for n, _, _, _ in widgets}]
+        mapping = {n: values[n] for n, _, _, _ in widgets if n in values}
         return mapping, [f"unknown widget(s) {unknown}"] if unknown else []
     mapping = {}
     i = 0
-    for k, (name, typ, opts) in enumerate(widgets):
+    for name, typ, opts, optional in widgets:
         if i >= len(values):
-            problems.append(f"{len(values)} widget values but the node has more widgets (missing '{name}')")
-            return mapping, problems
+            if not optional:
+                problems.append(f"{len(values)} widget values but the node has more widgets (missing '{name}')")
+                return mapping, problems
+            continue  # a trailing optional widget saved before it existed: its default
         mapping[name] = values[i]
         i += 1
-        # Skip a frontend-only extra value only when more values remain than
-        # widgets: then the value cannot belong to the next widget.
-        spare = (len(values) - i) > (len(widgets) - k - 1)
-        if spare:
+        if i < len(values):
             nxt = values[i]
             if _has_control_widget(name, typ, opts) and isinstance(nxt, str) and nxt in CONTROL_VALUES:
                 i += 1
-            elif _has_upload_widget(opts) and (nxt is None or isinstance(nxt, str)):
+            elif _has_upload_widget(opts) and (nxt is None or isinstance(nxt, str)) \
+                    and _upload_value_expected(widgets, name, values, i):
                 i += 1  # LoadImage-style upload button value
     if i != len(values):
         problems.append(f"{len(values)} widget values for {len(widgets)} widget inputs {[w[0] for w in widgets]}")
-    for name, typ, _ in widgets:
+    for name, typ, _, _ in widgets:
         if name in mapping and not _value_fits(typ, mapping[name]):
             problems.append("widget '{}' ({}) got {!r}: widget values out of step with the definition".format(
                 name, typ if isinstance(typ, str) else "COMBO", mapping[name]))
     return mapping, problems
+
+
+def _upload_value_expected(widgets, name, values, i):
+    """An upload button's value is there when more values remain than the widgets after ``name`` take."""
+    k = next(j for j, w in enumerate(widgets) if w[0] == name)
+    return (len(values) - i) > (len(widgets) - k - 1)
 
 
 def _value_fits(typ, value):

@@ -167,13 +167,9 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         return _ensure(os.path.join(out_dir, "tiny_taesd_vae.safetensors"),
                        lambda p: tiny_models.write_tiny_vae(p, seed))
     if folder == "loras":
-        def write_empty_lora(p):
-            import comfy.utils
-            import torch
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            # a LoRA with no matching keys: loads, patches nothing
-            comfy.utils.save_torch_file({"personalize_tiny_placeholder": torch.zeros(1)}, p)
-        return _ensure(os.path.join(out_dir, "tiny_lora_empty.safetensors"), write_empty_lora)
+        layout = checkpoint_layout(value)
+        return _ensure(os.path.join(out_dir, f"tiny_lora_{layout}.safetensors"),
+                       lambda p: tiny_models.write_tiny_lora(p, layout, seed))
     if folder == "insightface":
         import tiny_onnx_faces
         root = os.path.join(cache_dir, "insightface")

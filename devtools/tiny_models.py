@@ -517,6 +517,18 @@ def write_tiny_clip_vision(path, kind="vit-h", seed=0):
     return _save(sd, path, _meta("clip_vision_" + kind, seed))
 
 
+def write_tiny_lora(path, layout="sd15", seed=0, rank=4):
+    """A tiny LoRA in ComfyUI's key format on the first cross-attention query of the tiny ``layout`` UNet (what
+    a companion LoRA stands in for: it loads and changes the model)."""
+    site = (TINY_SDXL_ATTN_SITES if layout == "sdxl" else TINY_SD15_ATTN_SITES)[0]
+    (block, block_id), width = site["block"], site["width"]
+    key = f"diffusion_model.{block}_blocks.{block_id}.1.transformer_blocks.0.attn2.to_q"
+    g = torch.Generator().manual_seed(seed + 11)
+    sd = {f"{key}.lora_up.weight": torch.randn(width, rank, generator=g) * 0.1,
+          f"{key}.lora_down.weight": torch.randn(rank, width, generator=g) * 0.1, f"{key}.alpha": torch.tensor(float(rank))}
+    return _save(sd, path, _meta("lora_" + layout, seed))
+
+
 def write_tiny_set(models_dir, seed=0):
     """Write every tiny model into a ComfyUI-style models dir; returns {key: path} (keys of TINY_FILES)."""
     out = {}

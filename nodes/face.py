@@ -20,6 +20,7 @@ from ..models.face import (
     image_to_uint8,
     list_model_packs,
 )
+from ..models.inputs import check_image
 
 log = logging.getLogger("personalize")
 
@@ -133,6 +134,7 @@ class PersonalizeFaceEmbed:
                              "face_index": IN_INDEX, "crop_size": IN_CROP_SIZE}}
 
     def embed(self, face_analysis, image, selection, face_index, crop_size):
+        check_image(image, "image")
         embeds: FaceEmbeds = face_analysis.analyze(image, selection, face_index, crop_size)
         images = image_to_uint8(image)
         preview = np.stack([draw_detections(img, embeds.faces[i], int(embeds.face_index[i]), embeds.kps[i].numpy())

@@ -9,6 +9,7 @@ import folder_paths
 import torch
 
 from ..models.attention import EMBEDS_SCALING
+from ..models.inputs import check_finite, check_image, check_mask, check_number
 from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
 from ..models.layers import WEIGHT_TYPES, layer_weights
 from .comfy import folders, sites, unet, vision, weights
@@ -79,16 +80,16 @@ class PersonalizeIPAdapterLoader:
 
 def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_negative=None) -> IPAEmbeds:
     spec = ipadapter.spec
-    if image is None or image.shape[0] == 0:
-        raise ValueError("IP-Adapter: the reference image batch is empty")
+    if image is None:
+        raise ValueError("IP-Adapter: no reference image")
+    check_image(image, "the reference image")
     width = vision.clip_vision_width(clip_vision, spec.feature)
     if width != spec.clip_dim:
         raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives {spec.feature} of width {width}, "
                          f"but {spec.describe()} needs width {spec.clip_dim}: load {spec.expected_clip_vision}")
     cond = vision.encode_clip_vision(clip_vision, image, spec.feature)
     if image_negative is not None:
-        if image_negative.shape[0] == 0:
-            raise ValueError("IP-Adapter: the negative image batch is empty")
+        check_image(image_negative, "image_negative")
         uncond = vision.encode_clip_vision(clip_vision, image_negative, spec.feature)
     elif spec.feature == "image_embeds":
         uncond = torch.zeros_like(cond[:1])  # official uncond for global-embedding adapters: zero embeddings
@@ -144,16 +145,16 @@ class _ApplyBase:
     RETURN_NAMES = ("model",)
     FUNCTION = "apply"
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_at=0.0, end_at=1.0):  # linked inputs are not passed: defaults then
-        if start_at > end_at:
-            return f"start_at ({start_at}) is after end_at ({end_at})"
-        return True
-
     @staticmethod
     def _patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask, project,
                composition_weight=1.0, project_alt=None):
-        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
+        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone.
+
+        The numbers are checked here, when the node runs, not in ``VALIDATE_INPUTS``: ComfyUI passes no value for a
+        linked input there, and naming an input in ``VALIDATE_INPUTS`` turns off its own min/max check."""
+        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
+        check_number(weight, "weight")
+        check_number(composition_weight, "composition_weight")
         if start_at > end_at:
             raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
         transformers, model_sites, context_dim = unet.discover_sites(model)
@@ -163,6 +164,8 @@ class _ApplyBase:
         with torch.no_grad():
             tokens = project()
             alt = project_alt() if project_alt is not None else None
+        for t in (*tokens, *(alt or ())):
+            check_finite(t, f"the image tokens of {ipadapter.name}", "the reference embeds hold NaN or Inf")
         per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
         site_weights = {s.adapter_index: per_transformer[s.transformer_index]
                         for s in model_sites if s.transformer_index in per_transformer}
@@ -222,6 +225,8 @@ class PersonalizeIPAdapterApply(_ApplyBase):
             if image is not None:
                 raise ValueError(f"connect either an image or embeds ({what}), not both")
             embeds.check_for(ipadapter.spec)
+            check_finite(embeds.cond, what.split(" / ")[-1])
+            check_finite(embeds.uncond, what.split(" / ")[-1] + " (negative)")
             return embeds
         if image is None:
             raise ValueError(f"IP-Adapter needs a reference: connect {what}")
@@ -281,6 +286,9 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
         ids = (face_embeds.normed if family.face_embedding == "normed" else face_embeds.embedding).float()
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError("IP-Adapter FaceID: no face embeddings (the face batch is empty)")
+        check_finite(ids, "face_embeds")
+        check_number(lora_strength, "lora_strength")
+        check_number(shortcut_weight, "shortcut_weight")
         info = [spec.describe()]
         clip, shortcut = None, None
         if family.clip_of_face_crop:
@@ -299,9 +307,14 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
             info.append(f"FaceID Plus {version}" + (f" (shortcut weight {shortcut_weight:g})" if shortcut is not None else "")
                         + (" from the file name" if plus_version == PLUS_VERSIONS[0] else ""))
         uncond = torch.zeros_like(ids[:1])  # official uncond: the projection of a zero embedding
+        pack = getattr(face_embeds, "pack", None)
+        if family.face_pack and pack and pack != family.face_pack:
+            log.warning("%s was trained on %s embeddings; these come from %s", ipadapter.name, family.face_pack, pack)
+            info.append(f"warning: the faces come from {pack}, the model was trained on {family.face_pack} embeddings "
+                        f"(load {family.face_pack} in 'Load Face Analysis')")
         if lora_name != FACEID_LORA_NONE:
-            model = weights.apply_lora(model, lora_name, lora_strength)
-            info.append(f"LoRA {lora_name} at {lora_strength:g}")
+            model, layers = weights.apply_lora(model, lora_name, lora_strength)
+            info.append(f"LoRA {lora_name} at {lora_strength:g} ({layers} layers)")
         elif spec.has_lora or family.trained_with_lora:
             log.warning("%s was trained with a LoRA; load its *_lora.safetensors in lora_name for full likeness", ipadapter.name)
             info.append("no LoRA (this model was trained with one)")
@@ -318,13 +331,7 @@ def _stored(tokens):
 
 
 def _check_mask(mask):
-    if mask is None:
-        return None
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim != 3 or mask.shape[0] == 0 or min(mask.shape[-2:]) == 0:
-        raise ValueError(f"attn_mask must be a MASK [frames, height, width], got shape {tuple(mask.shape)}")
-    return mask.float().cpu()
+    return None if mask is None else check_mask(mask, "attn_mask").float().cpu()
 
 
 class PersonalizeIPAdapterSaveEmbeds:
@@ -342,20 +349,17 @@ class PersonalizeIPAdapterSaveEmbeds:
 
     def save(self, embeds, filename_prefix):
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
-        file = f"{name}_{counter:05}{EMBEDS_SUFFIX}"
+        # "<name>_<counter>_": the pattern ComfyUI's save-path helper reads existing counters from
+        file = f"{name}_{counter:05}_{EMBEDS_SUFFIX}"
         embeds.save(os.path.join(folder, file))
         log.info("saved IP-Adapter embeds to %s", os.path.join(folder, file))
         return {"ui": {"embeds": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
 
 
 def _embeds_files() -> list[str]:
-    out = []
-    for base, tag in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
-        for root, _, files in os.walk(base, followlinks=True):
-            for f in files:
-                if f.endswith(EMBEDS_SUFFIX):
-                    out.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/") + tag)
-    return sorted(out)
+    """Saved embeds in the input folder, and in the output folder (tagged " [output]", as ComfyUI annotates)."""
+    return (folders.list_files(folder_paths.get_input_directory(), EMBEDS_SUFFIX)
+            + [f + " [output]" for f in folders.list_files(folder_paths.get_output_directory(), EMBEDS_SUFFIX)])
 
 
 class PersonalizeIPAdapterLoadEmbeds:
@@ -370,7 +374,7 @@ class PersonalizeIPAdapterLoadEmbeds:
         return {"required": {"embeds_file": (_embeds_files(), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
 
     def load(self, embeds_file):
-        return (IPAEmbeds.load(folder_paths.get_annotated_filepath(embeds_file)),)
+        return (IPAEmbeds.load(folders.annotated_file(embeds_file)),)
 
 
 NODES = {

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 
+import folder_paths
 import numpy as np
 import torch
 from comfy.model_management import throw_exception_if_processing_interrupted
 from comfy.utils import ProgressBar
 
+from ..models.checkpoints import check_replaceable, file_stem
+from ..models.inputs import check_image
 from ..training import export, run
 from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
 from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
@@ -18,6 +21,7 @@ from .comfy import denoiser as comfy_denoiser
 from .comfy import folders, text, weights
 
 log = logging.getLogger("personalize")
+check_stop = throw_exception_if_processing_interrupted  # ComfyUI's Cancel: raises once the user pressed it
 
 CATEGORY = "personalize/training"
 TARGET_CHOICES = {"attention (q, k, v, out)": ATTENTION_TARGETS,
@@ -28,6 +32,11 @@ VALIDATION_GUIDANCE = 7.5
 # Learning rate of the [V] embedding: our choice, between the LoRA's 1e-4 and the few 1e-3 textual inversion uses alone
 # (a token trained together with a LoRA needs to move less); not a paper value.
 TOKEN_LEARNING_RATE = 5e-4
+# Widget step of the learning rates. ComfyUI's frontend rounds a typed FLOAT to 10^-p with p from the step
+# (ComfyUI_frontend useFloatWidget, onFloatValueChange); a 1e-7 step keeps 1e-6 (SuDe's reference rate), 2e-6, 1.5e-5.
+LEARNING_RATE_STEP = {"step": 1e-7}
+# Subject and class images: at least this many pixels a side, sides a multiple of the SD VAE's downsampling (8).
+MIN_IMAGE_SIDE, IMAGE_MULTIPLE = 64, 8
 
 
 def _weight(default: float, tip: str, high: float = 10.0):
@@ -68,7 +77,7 @@ class PersonalizeLoRATrainer:
                                             "tooltip": "PALP target prompts, one per line, WITHOUT the subject token "
                                                        "(e.g. 'a sketch of a dog'). Empty: PALP off."}),
                 "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
-                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, **LEARNING_RATE_STEP,
                                             "tooltip": "AdamW learning rate of the LoRA."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
                 "sude_weight": _weight(SUDE_WEIGHT, "SuDe w_s (0 = off). 0.4 for DreamBooth (paper/reference)."),
@@ -83,7 +92,8 @@ class PersonalizeLoRATrainer:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Subject images (1-4 are typical)."}),
-                "image_folder": ("STRING", {"default": "", "tooltip": "Or a folder of subject images (same size)."}),
+                "image_folder": ("STRING", {"default": "", "tooltip": "Or a folder of subject images inside ComfyUI's "
+                                               "input folder, e.g. 'my_dog' (one size, at most 100 images)."}),
                 "prior_images": ("IMAGE", {"tooltip": "Class images for prior preservation."}),
                 "prior_count": ("INT", {"default": 8, "min": 1, "max": 200, "tooltip": "Class images to generate "
                                                                                       "when none are given."}),
@@ -109,8 +119,11 @@ class PersonalizeLoRATrainer:
                                             "(textual inversion; PALP trains LoRA + token), started from the class "
                                             "word's embedding and saved as models/embeddings/<save_name>.safetensors. "
                                             "Prompts then name the subject as embedding:<save_name> (output 'subject')."}),
-                "token_learning_rate": ("FLOAT", {"default": TOKEN_LEARNING_RATE, "min": 1e-7, "max": 1.0, "step": 1e-5,
-                                                  "round": False, "tooltip": "AdamW learning rate of the token."}),
+                "token_learning_rate": ("FLOAT", {"default": TOKEN_LEARNING_RATE, "min": 1e-7, "max": 1.0,
+                                                  **LEARNING_RATE_STEP, "tooltip": "AdamW learning rate of the token."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace files named save_name in models/loras "
+                              "and models/embeddings that this pack did not write (off: such a file stops the run "
+                              "before training, and is kept)."}),
             },
         }
 
@@ -119,9 +132,9 @@ class PersonalizeLoRATrainer:
               prior_count=8, targets="attention (q, k, v, out)", palp_alpha=PALP_ALPHA, palp_beta=PALP_BETA,
               batch_size=1, grad_accumulation=1, gradient_checkpointing=False, mixed_precision="no",
               validation_prompt=INSTANCE_PROMPT, validate_every=0, validation_steps=VALIDATION_STEPS, checkpoint_every=100,
-              train_token=False, token_learning_rate=TOKEN_LEARNING_RATE):
+              train_token=False, token_learning_rate=TOKEN_LEARNING_RATE, overwrite=False):
         comfy_denoiser.check_trainable(model)
-        name = _safe_name(save_name)
+        name = file_stem(save_name, "save_name")
         prompts = tuple(p.strip() for p in palp_prompts.splitlines() if p.strip())
         if any(w in p.split() for p in prompts for w in (subject_token, f"embedding:{name}")):
             raise ValueError(f"PALP target prompts must be clean (no '{subject_token}', no 'embedding:{name}'): they "
@@ -135,9 +148,13 @@ class PersonalizeLoRATrainer:
                              grad_accumulation=grad_accumulation, mixed_precision=mixed_precision,
                              gradient_checkpointing=gradient_checkpointing)
         pixels = _subject_images(images, image_folder)
+        if prior_images is not None and config.prior_weight:
+            check_image(prior_images, "prior_images", MIN_IMAGE_SIDE, IMAGE_MULTIPLE)
         lora_path = os.path.join(folders.first_folder("loras"), name + ".safetensors")
         state_path = os.path.join(folders.train_folder(), name + ".state.safetensors")
         embedding_path = os.path.join(folders.first_folder("embeddings"), name + ".safetensors")
+        for path in (lora_path, state_path) + ((embedding_path,) if train_token else ()):  # before any work
+            check_replaceable(path, overwrite)
 
         with torch.inference_mode(False), torch.enable_grad():
             lora = weights.training_lora(model, config.targets, config.rank, config.alpha, config.seed)
@@ -145,7 +162,7 @@ class PersonalizeLoRATrainer:
             denoiser.load()
             device = denoiser.device
             lora.to(device)
-            latents = comfy_denoiser.vae_latents(model, vae, pixels).to(device)
+            latents = comfy_denoiser.vae_latents(model, vae, pixels, check_stop).to(device)
             encoder = text.ComfyTextEncoder(clip, adm=comfy_denoiser.sdxl_size_conditioning(model, latents))
             if train_token:
                 denoiser.companions.append(clip.patcher)  # the text encoder runs (with grad) at every step
@@ -155,11 +172,11 @@ class PersonalizeLoRATrainer:
             prior = None
             if config.prior_weight:
                 if prior_images is not None:
-                    prior = comfy_denoiser.vae_latents(model, vae, prior_images).to(device)
+                    prior = comfy_denoiser.vae_latents(model, vae, prior_images, check_stop).to(device)
                 else:
                     prior = run.class_latents(denoiser, lora, encode, config.fill(config.class_prompt), prior_count,
                                               latents.shape[1:], config.seed, device, folders.train_folder(),
-                                              weights.model_fingerprint(model))
+                                              weights.model_fingerprint(model), check_stop)
             token_init = encoder.word_embedding(class_word) if train_token else None
             trainer = Trainer(denoiser, lora, encode, latents, config, prior_latents=prior, token_init=token_init,
                               device=device)
@@ -170,22 +187,23 @@ class PersonalizeLoRATrainer:
                 trainer.load(state_path)
             meta = {"token": subject, "class_word": class_word}
             if trainer.token is not None:  # the tokenizer finds [V] in this file; it holds the current vectors
-                encoder.write_embedding(trainer.token, embedding_path, {**meta, "steps": str(trainer.step)})
+                encoder.write_embedding(trainer.token, embedding_path, {**meta, "steps": str(trainer.step)}, overwrite)
 
             def save_outputs(metadata):
-                export.save_lora(lora, lora_path, metadata=metadata)
+                export.save_lora(lora, lora_path, metadata=metadata, overwrite=overwrite)
                 folders.refresh_file_list("loras")
                 if trainer.token is not None:
-                    encoder.write_embedding(trainer.token, embedding_path, metadata)
+                    encoder.write_embedding(trainer.token, embedding_path, metadata, overwrite)
                     folders.refresh_file_list("embeddings")
 
             pbar = ProgressBar(steps)
             pbar.update_absolute(trainer.step, steps)
-            validation = run.Validation(trainer, config.fill(validation_prompt), validation_steps, VALIDATION_GUIDANCE, seed)
+            validation = run.Validation(trainer, config.fill(validation_prompt), validation_steps, VALIDATION_GUIDANCE, seed,
+                                        check_stop)
             training = run.TrainingRun(trainer, state_path, save_outputs, meta, checkpoint_every=checkpoint_every,
                                        validate=validation, validate_every=validate_every,
                                        progress=lambda step, _: pbar.update_absolute(step, steps),
-                                       check_stop=throw_exception_if_processing_interrupted)
+                                       check_stop=check_stop, overwrite=overwrite)
             with comfy_denoiser.gradient_checkpointing(denoiser.patcher, gradient_checkpointing):
                 training.run()
             validation()
@@ -198,21 +216,15 @@ class PersonalizeLoRATrainer:
         return (weights.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
 
 
-def _safe_name(name: str) -> str:
-    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
-    if not out.strip("._"):
-        raise ValueError(f"save name {name!r} is empty after removing characters not allowed in file names")
-    return out
-
-
 def _subject_images(images, folder: str) -> torch.Tensor:
-    if images is not None:
-        return images
-    if folder:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"image_folder {folder!r} is not a folder")
-        return run.load_images(run.image_files(folder)).float() / 255.0
-    raise ValueError("no subject images: connect 'images' or set 'image_folder'")
+    """The subject images: the IMAGE input, or the images of a folder inside ComfyUI's input folder (capped)."""
+    if images is None and folder:
+        files = run.image_files(run.confined_folder(folder, folder_paths.get_input_directory()))
+        run.check_image_files(files)
+        images = run.load_images(files).float() / 255.0
+    if images is None:
+        raise ValueError("no subject images: connect 'images' or set 'image_folder'")
+    return check_image(images, "the subject images", MIN_IMAGE_SIDE, IMAGE_MULTIPLE)
 
 
 def loss_curve_image(curves: dict[str, list[float]], width: int = 512, row: int = 96) -> torch.Tensor:

@@ -23,6 +23,12 @@ def check_trainable(model) -> None:
     if getattr(model.model, "adm_channels", 0) and not isinstance(model.model, comfy.model_base.SDXL):
         raise ValueError(f"the LoRA trainer supports SD1.x / SD2.x / SDXL base models; this one "
                          f"({type(model.model).__name__}) takes another extra conditioning (refiner, unCLIP, ...)")
+    to = model.model_options.get("transformer_options", {})
+    patched = sorted({kind for group in ("patches", "patches_replace") for kind, v in to.get(group, {}).items() if v})
+    if patched:  # training calls carry no sigma and no cond/uncond layout: such patches would not act as in sampling
+        raise ValueError(f"the model carries attention patches of other nodes ({', '.join(patched)}: an IP-Adapter, "
+                         "PuLID, ...), which do not act during training; connect the model before those nodes and "
+                         "apply them to the trainer's output model")
 
 
 class ComfyDenoiser:
@@ -105,12 +111,17 @@ def sdxl_size_conditioning(model, latents: torch.Tensor):
     return adm
 
 
-def vae_latents(model, vae, images: torch.Tensor) -> torch.Tensor:
-    """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents)."""
+def vae_latents(model, vae, images: torch.Tensor, check_stop=None) -> torch.Tensor:
+    """IMAGE ``(N, H, W, C)`` -> the model's latent space (``process_latent_in`` of the VAE's latents);
+    ``check_stop()`` before each image (it raises to stop)."""
+    out = []
     with torch.no_grad():  # one image at a time: ComfyUI sizes VAE batches by free memory, so the batching (and with
         # it the last bits of a convolution's result) could change from run to run; Adam's first steps amplify that
-        lat = torch.cat([vae.encode(images[i:i + 1, ..., :3].clone()).float() for i in range(images.shape[0])])
-    return model.model.process_latent_in(lat.detach().clone())
+        for i in range(images.shape[0]):
+            if check_stop is not None:
+                check_stop()
+            out.append(vae.encode(images[i:i + 1, ..., :3].clone()).float())
+    return model.model.process_latent_in(torch.cat(out).detach().clone())
 
 
 def vae_images(model, vae, latents: torch.Tensor) -> torch.Tensor:

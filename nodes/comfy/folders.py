@@ -61,3 +61,56 @@ def train_folder() -> str:
 def refresh_file_list(name: str) -> None:
     """Forget ComfyUI's cached file list of a model folder (a file was just written there)."""
     folder_paths.filename_list_cache.pop(name, None)
+
+
+# Listings of the input / output folders, cached while no folder in them changed: {(root, suffix): (mtimes, files)}.
+_listings: dict[tuple[str, str], tuple[dict[str, float], list[str]]] = {}
+# Folders a listing looks into at most (a huge output folder must not stall the node list).
+MAX_LISTED_FOLDERS = 5000
+
+
+def list_files(root: str, suffix: str) -> list[str]:
+    """Files under ``root`` whose names end with ``suffix``, as ``/``-separated paths relative to ``root``, sorted.
+
+    Symlinked folders are not entered (a link loop or a link out of ``root`` cannot hang or widen the listing);
+    symlinked files are listed only when they point inside ``root``. The result is cached and reused while the
+    modification time of every folder it looked into is unchanged."""
+    root = os.path.realpath(root)
+    key = (root, suffix)
+    cached = _listings.get(key)
+    if cached is not None:
+        mtimes, files = cached
+        try:
+            if all(os.stat(d).st_mtime == t for d, t in mtimes.items()):
+                return list(files)
+        except OSError:
+            pass
+    mtimes, files = {}, []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        try:
+            mtimes[dirpath] = os.stat(dirpath).st_mtime
+        except OSError:
+            continue
+        if len(mtimes) >= MAX_LISTED_FOLDERS:
+            dirnames[:] = []
+        for f in filenames:
+            if not f.endswith(suffix):
+                continue
+            path = os.path.join(dirpath, f)
+            if os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root:
+                continue
+            files.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    files.sort()
+    _listings[key] = (mtimes, files)
+    return list(files)
+
+
+def annotated_file(name: str) -> str:
+    """The path of an input-folder file name as ComfyUI annotates them (``x [output]``, ``x [input]``, ``x [temp]``),
+    refused when it leads out of that folder."""
+    rel, base = folder_paths.annotated_filepath(name)
+    base = os.path.realpath(base or folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([base, path]) != base:
+        raise ValueError(f"{name!r} points outside its folder; choose a file from the list")
+    return path

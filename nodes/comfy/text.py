@@ -65,9 +65,9 @@ class ComfyTextEncoder:
             vecs.append(table[ids].detach().float().mean(0).cpu())
         return torch.cat(vecs)[None].clone()
 
-    def write_embedding(self, vectors: torch.Tensor, path: str, metadata=None) -> None:
+    def write_embedding(self, vectors: torch.Tensor, path: str, metadata=None, overwrite: bool = False) -> None:
         """Save ``vectors`` where ComfyUI's tokenizer finds them (``embedding:<file name>``)."""
-        export.save_embedding(vectors, path, metadata, parts=self.file_parts)
+        export.save_embedding(vectors, path, metadata, parts=self.file_parts, overwrite=overwrite)
         self._written = {k: v.detach().float().cpu().clone() for k, v in self._split(vectors).items()}
 
     def _conditioning(self, cond, pooled):

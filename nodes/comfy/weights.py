@@ -31,9 +31,16 @@ def model_with_lora(model, lora_state: dict, strength: float = 1.0):
 
 
 def apply_lora(model, lora_name: str, strength: float):
-    """A LoRA from models/loras on the model (UNet only), as ComfyUI's LoraLoaderModelOnly does."""
+    """``(model, layers)``: a LoRA from models/loras on the model (UNet only), as ComfyUI's LoraLoaderModelOnly does,
+    and how many of the model's weights it changes. A file that changes none (not a LoRA, or one for another model,
+    which ComfyUI only logs key by key) is an error."""
     lora = comfy.utils.load_torch_file(full_path("loras", lora_name, "LoRA"), safe_load=True)
-    return model_with_lora(model, lora, strength)
+    out = model_with_lora(model, lora, strength)
+    layers = sum(len(v) > len(model.patches.get(k, ())) for k, v in out.patches.items())
+    if not layers:
+        raise ValueError(f"{lora_name} changes no weight of this model ({len(lora)} tensors in the file): it is not a "
+                         "LoRA, or one made for another model; choose the LoRA released with the adapter")
+    return out, layers
 
 
 def training_lora(model, targets, rank: int, alpha, seed: int) -> LoRASet:

@@ -35,7 +35,8 @@ def comfy(tmp_path_factory):
     import comfy_host
     import tiny_models
 
-    comfy_host.bootstrap(path, output_dir=str(tmp_path_factory.mktemp("comfy_output")))
+    comfy_host.bootstrap(path, output_dir=str(tmp_path_factory.mktemp("comfy_output")),
+                         input_dir=str(tmp_path_factory.mktemp("comfy_input")))
     tiny_models.register_tiny_configs()
     models_dir = tmp_path_factory.mktemp("tiny_models")
     files = tiny_models.write_tiny_set(str(models_dir), seed=0)

@@ -310,7 +310,8 @@ def test_bad_inputs(comfy, pack, core):
         apply(pack, sd15, "tiny_plus_sd15.safetensors", embeds=emb)
     with pytest.raises(ValueError, match="attn_mask"):
         apply(pack, sd15, "tiny_base_sd15.safetensors", embeds=emb, attn_mask=torch.ones(1, 1, 4, 4))
-    assert "after end_at" in pack.maps["PersonalizeIPAdapterApply"].VALIDATE_INPUTS(start_at=0.8, end_at=0.2)
+    with pytest.raises(ValueError, match="after end_at"):
+        apply(pack, sd15, "tiny_base_sd15.safetensors", embeds=emb, start=0.8, end=0.2)
     with pytest.raises(FileNotFoundError, match="not found in the 'ipadapter' folders"):
         pack.maps["PersonalizeIPAdapterLoader"]().load("missing.safetensors")
     assert attn2(sd15) == {}  # nothing was changed on the input model

@@ -166,7 +166,7 @@ def test_interrupt_leaves_lora_and_state(env, comfy):
 
 def test_class_images_are_cached_per_model(env, comfy):
     """Generated class images are reused only by the model that made them: another checkpoint, or the same one with
-    a LoRA on it, generates its own; a model with attention patches (whose effect no tensor shows) is not cached."""
+    a LoRA on it, generates its own."""
     import glob
 
     import folder_paths
@@ -176,8 +176,6 @@ def test_class_images_are_cached_per_model(env, comfy):
     with torch.inference_mode():
         other = nodes.CheckpointLoaderSimple().load_checkpoint("t2_other_sd15.safetensors")[0]
     with_lora = nodes.LoraLoaderModelOnly().load_lora_model_only(model, train(env, "t2_prior_lora", steps=1)[1], 1.0)[0]
-    patched = model.clone()
-    patched.set_model_attn2_replace(lambda q, k, v, extra: torch.zeros_like(q), "input", 1)
     folder = os.path.join(folder_paths.get_output_directory(), "personalize_train")
 
     def generated(m, name):
@@ -191,7 +189,6 @@ def test_class_images_are_cached_per_model(env, comfy):
     assert generated(model, "t2_prior_a_again") == []  # the same model reuses its class images
     (b,) = generated(other, "t2_prior_b")
     (c,) = generated(with_lora, "t2_prior_c")
-    assert generated(patched, "t2_prior_patched") == []  # not cacheable: generated, not written
     latents = [st.load_file(f)["latents"] for f in (a, b, c)]
     assert all(x.shape == (2, 4, 8, 8) for x in latents)
     assert (latents[0] - latents[1]).abs().max() > 1e-3 and (latents[0] - latents[2]).abs().max() > 1e-3
