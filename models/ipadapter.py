@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .attention import SiteCall, TokenPatch, attention, ip_attention
 from .checkpoints import CheckpointError, load_file, split_prefixes
-from .layers import LAYOUT_NAMES, LAYOUT_TRANSFORMERS, LAYOUTS, Site, Transformer
+from .layers import LAYOUT_NAMES, LAYOUTS, Site, Transformer, check_sites
 
 # Prefixes of the two parts in flat (.safetensors) files; ComfyUI_IPAdapter_plus also accepts "adapter_modules.".
 CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter.", "adapter_modules.")}
@@ -89,7 +89,7 @@ class PerceiverAttention(nn.Module):
         return self.to_out(attention(q, k, v, self.heads))
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
     # indices 0 (LayerNorm), 1 (Linear up), 3 (Linear down) are the checkpoint keys; 2 is the GELU.
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
 
@@ -104,7 +104,7 @@ class FacePerceiverResampler(nn.Module):
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList(
-            [nn.ModuleList([PerceiverAttention(dim, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)]
+            [nn.ModuleList([PerceiverAttention(dim, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)]
         )
 
     def forward(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -264,22 +264,15 @@ class AdapterSpec:
         return f"{self.name} for {LAYOUT_NAMES[self.layout]} ({len(self.widths)} layers, cross-attention width {self.cross_dim}, {inputs})"
 
 
+# What to load instead, per layout, in the pairing errors.
+EXAMPLE_FILES = {"sd15": "ip-adapter_sd15.safetensors", "sdxl": "ip-adapter_sdxl_vit-h.safetensors"}
+
+
 def check_model(spec: AdapterSpec, transformers: list[Transformer], sites: list[Site], context_dim: int) -> None:
     """Raise unless the adapter was made for a UNet with these transformers, sites and context width (what a host
     found in its model), saying what was found and what to load instead."""
-    layout = next((name for name, t in LAYOUT_TRANSFORMERS.items() if list(t) == transformers), None)
-    model_name = LAYOUT_NAMES.get(layout, f"a UNet with {len(sites)} cross-attention layers")
-    if layout != spec.layout or len(sites) != len(spec.widths):
-        raise ValueError(f"adapter/model mismatch: the IP-Adapter is for {LAYOUT_NAMES[spec.layout]} ({len(spec.widths)} layers) "
-                         f"but the model is {model_name}. Load an {model_name} IP-Adapter "
-                         f"(e.g. {'ip-adapter_sd15.safetensors' if layout == 'sd15' else 'ip-adapter_sdxl_vit-h.safetensors'}).")
-    widths = [0] * len(sites)
-    for s in sites:
-        widths[s.adapter_index] = s.width
-    if tuple(widths) != spec.widths or context_dim != spec.cross_dim:
-        raise ValueError(f"adapter/model mismatch: the IP-Adapter's layers take width {spec.cross_dim} and produce "
-                         f"{sorted(set(spec.widths))}, the model's cross-attention takes {context_dim} and has "
-                         f"{sorted(set(widths))}: this adapter belongs to another {LAYOUT_NAMES[spec.layout]} model family")
+    check_sites("IP-Adapter", spec.layout, spec.widths, spec.cross_dim, transformers, sites, context_dim, EXAMPLE_FILES)
+
 
 def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:

@@ -80,6 +80,26 @@ LAYOUTS = {16: "sd15", 70: "sdxl"}
 LAYOUT_TRANSFORMERS = {"sd15": SD15_TRANSFORMERS, "sdxl": SDXL_TRANSFORMERS}
 LAYOUT_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
+def check_sites(what: str, layout: str, widths: tuple[int, ...], cross_dim: int, transformers: list[Transformer],
+                sites: list[Site], context_dim: int, examples: dict[str, str]) -> None:
+    """Raise unless an adapter with per-site ``widths`` (adapter order) and token width ``cross_dim``, made for
+    ``layout``, fits a UNet with these transformers, sites and context width (what a host found in its model). The
+    message says what was found and what to load instead (``examples``: a file per layout)."""
+    found = next((name for name, t in LAYOUT_TRANSFORMERS.items() if list(t) == transformers), None)
+    model_name = LAYOUT_NAMES.get(found, f"a UNet with {len(sites)} cross-attention layers")
+    if found != layout or len(sites) != len(widths):
+        hint = f" (e.g. {examples[found]})" if found in examples else ""
+        raise ValueError(f"adapter/model mismatch: the {what} is for {LAYOUT_NAMES[layout]} ({len(widths)} layers) "
+                         f"but the model is {model_name}. Load an {model_name} {what}{hint}.")
+    model_widths = [0] * len(sites)
+    for s in sites:
+        model_widths[s.adapter_index] = s.width
+    if tuple(model_widths) != tuple(widths) or context_dim != cross_dim:
+        raise ValueError(f"adapter/model mismatch: the {what}'s layers take width {cross_dim} and produce "
+                         f"{sorted(set(widths))}, the model's cross-attention takes {context_dim} and has "
+                         f"{sorted(set(model_widths))}: this adapter belongs to another {LAYOUT_NAMES[layout]} model family")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weight types. Conventions of ComfyUI_IPAdapter_plus (``IPAdapterPlus.py``, ``WEIGHT_TYPES``), which users' workflows rely on;
 # none of them is part of the IP-Adapter paper. Tables are keyed by transformer_index.

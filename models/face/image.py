@@ -81,8 +81,9 @@ def _invert_affine(m: np.ndarray) -> list[float]:
 _WARP_VECTOR_STEP = 16
 
 
-def warp_affine(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
-    """``cv2.warpAffine(img, m, (size, size), borderValue=0)`` (INTER_LINEAR) for uint8 [H, W, C]."""
+def warp_affine(img: np.ndarray, m: np.ndarray, size: int, border=0) -> np.ndarray:
+    """``cv2.warpAffine(img, m, (size, size), borderValue=border)`` (INTER_LINEAR, BORDER_CONSTANT) for uint8
+    [H, W, C]; ``border``: a value, or one per channel."""
     inv = np.array(_invert_affine(m), np.float64).astype(np.float32)
     xs = np.broadcast_to(np.arange(size, dtype=np.float32)[None, :], (size, size))
     ys = np.broadcast_to(np.arange(size, dtype=np.float32)[:, None], (size, size))
@@ -98,9 +99,11 @@ def warp_affine(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     src = img.astype(np.float32)
 
-    def tap(yy, xx):  # constant border 0
-        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        return src[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)] * inside[..., None]
+    fill = np.broadcast_to(np.asarray(border, np.float32), (src.shape[-1],))
+
+    def tap(yy, xx):  # constant border
+        inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))[..., None]
+        return np.where(inside, src[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)], fill)
 
     top = _fma32(fx, tap(iy, ix + 1) - tap(iy, ix), tap(iy, ix))
     bottom = _fma32(fx, tap(iy + 1, ix + 1) - tap(iy + 1, ix), tap(iy + 1, ix))
@@ -161,3 +164,27 @@ def alignment_matrix(kps: np.ndarray, size: int) -> np.ndarray:
 def norm_crop(img: np.ndarray, kps: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """Aligned face crop, uint8 [size, size, 3] (insightface face_align.norm_crop)."""
     return warp_affine(img, alignment_matrix(kps, size), size)
+
+
+# The 5-point FFHQ template of a 512 x 512 face (facexlib utils/face_restoration_helper.py FaceRestoreHelper
+# face_template; eyes, nose, mouth corners), the crop PuLID's EVA-CLIP and parsing inputs are aligned to.
+FFHQ_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                              [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float32)
+FFHQ_SIZE = 512
+# facexlib's warp border, BGR (135, 133, 132) there: the same grey in RGB.
+FFHQ_BORDER_RGB = (132, 133, 135)
+
+
+def ffhq_crop(img: np.ndarray, kps: np.ndarray, size: int = FFHQ_SIZE) -> np.ndarray:
+    """The face aligned to the FFHQ template, uint8 [size, size, 3], grey border (facexlib ``align_warp_face``).
+
+    facexlib fits the transform with ``cv2.estimateAffinePartial2D(..., LMEDS)`` to RetinaFace keypoints of a second
+    detection; here the keypoints are the SCRFD ones of the face already chosen for the embedding (a deliberate
+    choice: one face, one detection), and the similarity is the least-squares (Umeyama) fit over all five. Where the
+    five points agree the two fits coincide (median 3e-5 px over 200 noisy random faces, against OpenCV); where
+    LMEDS drops a point as an outlier they differ by a few pixels."""
+    kps = np.asarray(kps, dtype=np.float32)
+    if kps.shape != (5, 2):
+        raise FaceAnalysisError(f"alignment needs 5 keypoints [5, 2], got {kps.shape}")
+    template = FFHQ_TEMPLATE_512 * np.float32(size / FFHQ_SIZE)
+    return warp_affine(img, umeyama_similarity(kps, template)[0:2, :], size, FFHQ_BORDER_RGB)
