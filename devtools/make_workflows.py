@@ -136,12 +136,87 @@ def faceid_plus_v2_sd15() -> dict:
     return g
 
 
+PULID_FILE = "pulid_v1.1.safetensors"
+EVA_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
+PARSING_FILE = "parsing_bisenet.pth"
+FACE_B = "personalize_face_2.png"
+
+
+def _pulid_loaders(g: dict) -> None:
+    g.update({
+        "30": {"class_type": "PersonalizePuLIDLoader", "inputs": {"pulid_file": PULID_FILE}},
+        "31": {"class_type": "PersonalizeEVACLIPLoader", "inputs": {"eva_clip_file": EVA_FILE}},
+        "32": {"class_type": "PersonalizeFaceParsingLoader", "inputs": {"parsing_file": PARSING_FILE}},
+        "33": {"class_type": "PersonalizeFaceAnalysisLoader", "inputs": {"model_pack": "antelopev2", "provider": "CPU"}},
+    })
+
+
+def _pulid_encode(image) -> dict:
+    return {"class_type": "PersonalizePuLIDEncode", "inputs": {"face_analysis": ["33", 0], "eva_clip": ["31", 0],
+                                                              "face_parsing": ["32", 0], "image": image,
+                                                              "selection": "largest", "face_index": 0}}
+
+
+def _pulid_apply(model, embeds, weight=0.8, mask=None) -> dict:
+    inputs = {"model": model, "pulid": ["30", 0], "embeds": embeds, "method": "fidelity", "weight": weight,
+              "start_at": 0.0, "end_at": 1.0, "id_mix": False}
+    if mask is not None:
+        inputs["attn_mask"] = mask
+    return {"class_type": "PersonalizePuLIDApply", "inputs": inputs}
+
+
+def pulid_sdxl() -> dict:
+    """One identity from one face photo (PuLID v1.1, fidelity)."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CKPT}},
+         "4": {"class_type": "LoadImage", "inputs": {"image": FACE}}}
+    _pulid_loaders(g)
+    g.update({"5": _pulid_encode(["4", 0]), "6": _pulid_apply(["1", 0], ["5", 0]),
+              "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}}})
+    _sampling(g, ["6", 0], "1", "portrait of a person as a knight, " + POSITIVE, 1024, "personalize/pulid_sdxl")
+    return g
+
+
+def pulid_two_identities_sdxl() -> dict:
+    """Two identities in one picture, each masked to one half."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CKPT}},
+         "4": {"class_type": "LoadImage", "inputs": {"image": FACE}},
+         "8": {"class_type": "LoadImage", "inputs": {"image": FACE_B}},
+         "10": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 1024, "height": 1024}},
+         "11": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 512, "height": 1024}},
+         "12": {"class_type": "MaskComposite", "inputs": {"destination": ["10", 0], "source": ["11", 0], "x": 0, "y": 0,
+                                                          "operation": "add"}},
+         "13": {"class_type": "InvertMask", "inputs": {"mask": ["12", 0]}}}
+    _pulid_loaders(g)
+    g.update({"5": _pulid_encode(["4", 0]), "9": _pulid_encode(["8", 0]),
+              "6": _pulid_apply(["1", 0], ["5", 0], mask=["12", 0]), "14": _pulid_apply(["6", 0], ["9", 0], mask=["13", 0])})
+    _sampling(g, ["14", 0], "1", "two people side by side in a park, " + POSITIVE, 1024, "personalize/pulid_two_ids")
+    return g
+
+
+def pulid_ipadapter_style_sdxl() -> dict:
+    """An identity (PuLID) in the style of a reference picture (IP-Adapter Plus, style transfer): both on the same
+    cross-attention layers."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CKPT}},
+         "4": {"class_type": "LoadImage", "inputs": {"image": FACE}},
+         "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter-plus_sdxl_vit-h.safetensors"}},
+         "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+         "8": {"class_type": "LoadImage", "inputs": {"image": REF_A}}}
+    _pulid_loaders(g)
+    g.update({"5": _pulid_encode(["4", 0]), "6": _pulid_apply(["1", 0], ["5", 0]),
+              "9": _apply(["6", 0], ["2", 0], ["8", 0], ["3", 0], weight=1.0, weight_type="style transfer")})
+    _sampling(g, ["9", 0], "1", "portrait of a person, " + POSITIVE, 1024, "personalize/pulid_ipadapter_style")
+    return g
+
+
 WORKFLOWS = {
     "ipadapter_sd15_basic": basic_sd15,
     "ipadapter_sdxl_style_transfer": style_transfer_sdxl,
     "ipadapter_sd15_two_references_masked": two_references_masked_sd15,
     "ipadapter_faceid_plusv2_sd15": faceid_plus_v2_sd15,
     "train_lora_sd15_sude_palp": train_lora_sd15,
+    "pulid_sdxl": pulid_sdxl,
+    "pulid_sdxl_two_identities_masked": pulid_two_identities_sdxl,
+    "pulid_sdxl_ipadapter_style": pulid_ipadapter_style_sdxl,
 }
 
 

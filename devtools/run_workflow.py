@@ -44,9 +44,12 @@ MODEL_INPUTS = {
     ("*", "vae_name"): "vae",
     ("*", "ipadapter_file"): "ipadapter",
     ("PersonalizeFaceAnalysisLoader", "model_pack"): "insightface",  # a folder of .onnx files, not a file
+    ("*", "pulid_file"): "pulid",
+    ("*", "eva_clip_file"): "eva_clip",
+    ("*", "parsing_file"): "face_parsing",
 }
 #: Node types whose input images must show a face the tiny blob detector finds (see tiny_onnx_faces).
-_FACE_NODES = {"PersonalizeFaceEmbed"}
+_FACE_NODES = {"PersonalizeFaceEmbed", "PersonalizePuLIDEncode"}
 #: The test face for tiny runs: a white square of side 3 * 32 with its corner on the 32-pixel grid of a 640 x 640
 #: picture is exactly one face for the stand-in detector (tiny_onnx_faces.blob_detector).
 TINY_FACE_PICTURE = (640, 640, [(256, 224, 96, 255)])
@@ -112,7 +115,7 @@ def ipadapter_spec(name):
 def _source_stamp():
     """Changes whenever the tiny-model generators change (cache invalidation)."""
     h = hashlib.sha256()
-    for fname in ("tiny_models.py", "tiny_adapters.py", "tiny_onnx_faces.py"):
+    for fname in ("tiny_models.py", "tiny_adapters.py", "tiny_onnx_faces.py", "tiny_pulid.py"):
         path = os.path.join(DEVTOOLS, fname)
         if os.path.exists(path):
             with open(path, "rb") as f:
@@ -120,7 +123,8 @@ def _source_stamp():
     return h.hexdigest()[:16]
 
 
-_CACHE_SUBDIRS = ("checkpoints", "clip_vision", "ipadapter", "loras", "vae", "insightface")
+_CACHE_SUBDIRS = ("checkpoints", "clip_vision", "ipadapter", "loras", "vae", "insightface", "pulid", "eva_clip",
+                  "face_parsing")
 
 
 def prepare_cache(cache_dir):
@@ -166,6 +170,21 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
     if folder == "vae":
         return _ensure(os.path.join(out_dir, "tiny_taesd_vae.safetensors"),
                        lambda p: tiny_models.write_tiny_vae(p, seed))
+    if folder in ("pulid", "eva_clip", "face_parsing"):
+        import pack_alias
+        import tiny_pulid
+
+        pack_alias.register()
+        stem = os.path.splitext(os.path.basename(value))[0]
+        if folder == "pulid":  # the version and the key style from the public names
+            version = "v1.1" if "1.1" in value or "v11" in value else "v1"
+            style = "converted" if value.startswith("ip-adapter") else "official"
+            ext = ".bin" if value.endswith(".bin") else ".safetensors"
+            return _ensure(os.path.join(out_dir, f"tiny_{stem}{ext}"),
+                           lambda p: tiny_pulid.write_tiny_pulid(p, version, "sdxl", style, seed))
+        writer = tiny_pulid.write_tiny_eva_clip if folder == "eva_clip" else tiny_pulid.write_tiny_parsing
+        ext = ".pt" if folder == "eva_clip" else ".pth"
+        return _ensure(os.path.join(out_dir, f"tiny_{stem}{ext}"), lambda p: writer(p, seed))
     if folder == "loras":
         layout = checkpoint_layout(value)
         return _ensure(os.path.join(out_dir, f"tiny_lora_{layout}.safetensors"),
@@ -277,7 +296,7 @@ def main(argv=None):
             args.steps = TINY_DEFAULT_STEPS
         log.info("tiny run at %d px, %d steps (override with --size / --steps)", args.size, args.steps)
         prepare_cache(args.cache_dir)
-        comfy_host.use_models_dir(args.cache_dir, folder_names=("insightface",))
+        comfy_host.use_models_dir(args.cache_dir, folder_names=("insightface", "pulid", "eva_clip", "face_parsing"))
         for node_id, name, folder, value in refs:
             sub = tiny_substitute(folder, value, args.cache_dir, args.seed)
             api[node_id]["inputs"][name] = sub

@@ -12,7 +12,8 @@ from ..models.attention import EMBEDS_SCALING
 from ..models.inputs import check_finite, check_image, check_mask, check_number
 from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
 from ..models.layers import WEIGHT_TYPES, layer_weights
-from .comfy import folders, sites, unet, vision, weights
+from .comfy import folders, vision, weights
+from .common import checked_tokens, fraction_input, patch_model, weight_input
 
 log = logging.getLogger("personalize")
 
@@ -44,14 +45,6 @@ IN_CLIP_VISION = ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter 
 IN_IMAGE = ("IMAGE", {"tooltip": "Reference image(s). Several images are combined as 'combine_embeds' says."})
 IN_NEGATIVE = ("IMAGE", {"tooltip": "Optional negative image(s): their embedding replaces the default unconditional one."})
 IN_EMBEDS = (EMBEDS, {"tooltip": "Reference embeddings from 'IP-Adapter Encode' or 'Load IP-Adapter Embeds'."})
-
-
-def _fraction(default: float, tip: str):
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tip})
-
-
-def _weight(tip: str):
-    return ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": tip})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,12 +112,12 @@ class PersonalizeIPAdapterEncode:
 # Inputs every Apply node shares (declared once).
 def _apply_controls() -> dict:
     return {
-        "weight": _weight("Strength of the image prompt; 0 leaves the model untouched."),
+        "weight": weight_input("Strength of the image prompt; 0 leaves the model untouched."),
         "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": "How the weight is spread over the "
                         "layers. 'style transfer' / 'composition' use only the style or layout layers "
                         "(InstantStyle); 'style and composition' takes a second image for layout."}),
-        "start_at": _fraction(0.0, "Fraction of the sampling steps where the image prompt starts."),
-        "end_at": _fraction(1.0, "Fraction of the sampling steps where it stops."),
+        "start_at": fraction_input(0.0, "Fraction of the sampling steps where the image prompt starts."),
+        "end_at": fraction_input(1.0, "Fraction of the sampling steps where it stops."),
         "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference images: "
                            "'concat' keeps all images' tokens; 'average' / 'norm average' blend them first."}),
         "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": "Where the weight is applied: "
@@ -148,31 +141,21 @@ class _ApplyBase:
     @staticmethod
     def _patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask, project,
                composition_weight=1.0, project_alt=None):
-        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone.
-
-        The numbers are checked here, when the node runs, not in ``VALIDATE_INPUTS``: ComfyUI passes no value for a
-        linked input there, and naming an input in ``VALIDATE_INPUTS`` turns off its own min/max check."""
-        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
+        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
         check_number(weight, "weight")
         check_number(composition_weight, "composition_weight")
-        if start_at > end_at:
-            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
-        transformers, model_sites, context_dim = unet.discover_sites(model)
-        check_model(ipadapter.spec, transformers, model_sites, context_dim)
         mask = _check_mask(attn_mask)
-        weights.prepare_adapter(ipadapter.patcher, unet.compute_dtype(model))
-        with torch.no_grad():
-            tokens = project()
-            alt = project_alt() if project_alt is not None else None
-        for t in (*tokens, *(alt or ())):
-            check_finite(t, f"the image tokens of {ipadapter.name}", "the reference embeds hold NaN or Inf")
-        per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
-        site_weights = {s.adapter_index: per_transformer[s.transformer_index]
-                        for s in model_sites if s.transformer_index in per_transformer}
-        patch = IPAdapterPatch(ipadapter.model, *_stored(tokens), site_weights, embeds_scaling,
-                               alt=_stored(alt) if alt else None, mask=mask)
-        sigma_start, sigma_end = sites.sigma_window(model, start_at, end_at)
-        out = sites.install_patch(model, patch, model_sites, transformers, sigma_start, sigma_end, ipadapter.patcher)
+
+        def build(transformers, model_sites):
+            tokens = checked_tokens(project(), f"the image tokens of {ipadapter.name}")
+            alt = checked_tokens(project_alt(), f"the image tokens of {ipadapter.name}") if project_alt else None
+            per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
+            site_weights = {s.adapter_index: per_transformer[s.transformer_index]
+                            for s in model_sites if s.transformer_index in per_transformer}
+            return IPAdapterPatch(ipadapter.model, *tokens, site_weights, embeds_scaling, alt=alt, mask=mask)
+
+        out, patch, model_sites = patch_model(model, ipadapter.patcher,
+                                              lambda t, s, c: check_model(ipadapter.spec, t, s, c), build, start_at, end_at)
         log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
                  len(patch.site_weights), len(model_sites), weight_type, weight)
         return out
@@ -195,7 +178,7 @@ class PersonalizeIPAdapterApply(_ApplyBase):
                 "attn_mask": IN_MASK,
                 "composition_image": ("IMAGE", {"tooltip": "Layout reference for weight type 'style and composition'."}),
                 "composition_embeds": (EMBEDS, {"tooltip": "Layout reference embeds for 'style and composition'."}),
-                "composition_weight": _weight("Strength of the layout reference in 'style and composition'."),
+                "composition_weight": weight_input("Strength of the layout reference in 'style and composition'."),
             },
         }
 
@@ -323,11 +306,6 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
         text = "; ".join(info)
         log.info("IP-Adapter FaceID: %s", text)
         return (out, text)
-
-
-def _stored(tokens):
-    """Projected tokens are kept on the CPU in fp32; the patch caches a copy per compute device and dtype."""
-    return tuple(t.detach().to("cpu", torch.float32) for t in tokens)
 
 
 def _check_mask(mask):

@@ -8,11 +8,12 @@ import folder_paths
 # name -> where users get the files; ipadapter now, the others for the methods that follow.
 MODEL_FOLDERS = {
     "ipadapter": "IP-Adapter weights (h94/IP-Adapter, h94/IP-Adapter-FaceID on Hugging Face)",
-    "pulid": "PuLID weights",
+    "pulid": "PuLID weights: guozinan/PuLID on Hugging Face (pulid_v1.1.safetensors, pulid_v1.bin), or "
+             "huchenlei/ipadapter_pulid (ip-adapter_pulid_sdxl_fp16.safetensors)",
     "e4t": "E4T encoders and weight offsets",
     "insightface": "insightface model packs, as models/insightface/models/<name>/*.onnx",
-    "eva_clip": "EVA02-CLIP vision towers",
-    "face_parsing": "face parsing / alignment models (facexlib)",
+    "eva_clip": "EVA02-CLIP vision towers: QuanSun/EVA-CLIP on Hugging Face (EVA02_CLIP_L_336_psz14_s6B.pt)",
+    "face_parsing": "face parsing models: facexlib's GitHub release v0.2.0 (parsing_bisenet.pth)",
 }
 TRAIN_FOLDER = "personalize_train"  # resumable states and cached class latents, under ComfyUI's output folder
 
