@@ -191,3 +191,32 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
             os.unlink(tmp)
         raise
     return path
+
+
+def check_weights(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the first floating tensor of a loaded file that holds NaN or Inf."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{prefix}{key} holds NaN or Inf values: the file is damaged (download it again)")
+
+
+def load_exact(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], part: str,
+               file_keys: Mapping[str, str] | None = None, ignore=None, assign: bool = False) -> None:
+    """Load ``sd`` into ``module``: every key present with its shape, nothing extra, floats as float32. Errors name the
+    file's keys (``file_keys``: module key -> file key); ``ignore(key)``: module keys the file need not hold (buffers
+    the module recomputes)."""
+    own = module.state_dict()
+    name = (file_keys or {}).get
+    missing = sorted(k for k in set(own) - set(sd) if not (ignore and ignore(k)))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        detail = "; ".join(s for s in (
+            f"missing {[name(k, k) for k in missing[:4]]}" if missing else "",
+            f"unexpected {unexpected[:4]}" if unexpected else "",
+            "shape mismatch " + ", ".join(f"{part}.{name(k, k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                          for k in bad[:4]) if bad else "",
+        ) if s)
+        raise CheckpointError(f"{part} does not match the detected layout: {detail}")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                           strict=ignore is None, assign=assign)

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, check_weights, load_exact
 
 # Blocks whose inputs are PuLID's hidden states (eva_vit_model.py forward_features).
 HIDDEN_BLOCKS = (4, 8, 12, 16, 20)
@@ -101,14 +101,8 @@ class EVAVisionTower(nn.Module):
         tower = cls(tower_config(sd))
         if eva_layout:  # timm's own conversion of EVA-CLIP checkpoints (q/v bias, SwiGLU and sub-LN names)
             sd = _timm_eva().checkpoint_filter_fn({k: v for k, v in sd.items() if k.startswith("visual.")}, tower.model)
-        own = tower.model.state_dict()
-        missing = sorted(set(own) - set(sd) - {k for k in own if "rope" in k})
-        unexpected = sorted(set(sd) - set(own))
-        bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise CheckpointError(f"EVA-CLIP tower does not match its detected layout: missing {missing[:4]}, unexpected "
-                                  f"{unexpected[:4]}, shape mismatch {bad[:4]}")
-        tower.model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        check_weights(sd)
+        load_exact(tower.model, sd, "the EVA-CLIP tower", ignore=lambda k: "rope" in k)  # RoPE tables: recomputed
         return tower.eval().requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

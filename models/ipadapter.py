@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import SiteCall, TokenPatch, attention, ip_attention
-from .checkpoints import CheckpointError, load_file, split_prefixes
+from .checkpoints import CheckpointError, check_weights, load_exact, load_file, split_prefixes
 from .layers import LAYOUT_NAMES, LAYOUTS, Site, Transformer, check_sites
 
 # Prefixes of the two parts in flat (.safetensors) files; ComfyUI_IPAdapter_plus also accepts "adapter_modules.".
@@ -417,12 +417,10 @@ class IPAdapterModel(nn.Module):
         file_keys = {f"{k}.{name}.weight": f"{2 * k + 1}.{name}.weight"
                      for k in range(len(spec.widths)) for name in ("to_k_ip", "to_v_ip")}
         layers = {own: ip_adapter[key] for own, key in file_keys.items()}
-        for part, sd in (("image_proj", image_proj), ("ip_adapter", dict(zip(file_keys.values(), layers.values())))):
-            for key, t in sd.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise CheckpointError(f"{part}.{key} holds NaN or Inf values: the file is damaged (download it again)")
-        _load_strict(model.image_proj, image_proj, "image_proj")
-        _load_strict(model.ip_layers, layers, "ip_adapter", file_keys)
+        check_weights(image_proj, "image_proj.")
+        check_weights(dict(zip(file_keys.values(), layers.values())), "ip_adapter.")
+        load_exact(model.image_proj, image_proj, "image_proj", assign=True)
+        load_exact(model.ip_layers, layers, "ip_adapter", file_keys, assign=True)
         return model.float()
 
     @classmethod
@@ -458,26 +456,6 @@ class IPAdapterModel(nn.Module):
                     f"shape {tuple(features.shape)}: use {spec.expected_clip_vision}"
                 )
         return family.project(self.image_proj, features.to(p.device, p.dtype), clip, shortcut_scale)
-
-
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], part: str, file_keys: dict[str, str] | None = None) -> None:
-    """Load ``sd`` into ``module`` exactly; errors name the file's keys (``file_keys``: module key -> file key)."""
-    own = module.state_dict()
-    name = (file_keys or {}).get
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        detail = "; ".join(
-            s for s in (
-                f"missing {[name(k, k) for k in missing[:4]]}" if missing else "",
-                f"unexpected {unexpected[:4]}" if unexpected else "",
-                "shape mismatch " + ", ".join(f"{part}.{name(k, k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                                              for k in bad[:4]) if bad else "",
-            ) if s
-        )
-        raise CheckpointError(f"{part} does not match the detected layout: {detail}")
-    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

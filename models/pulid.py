@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import SiteCall, TokenPatch
-from .checkpoints import CheckpointError, atomic_save_safetensors, load_file, read_metadata, split_prefixes
+from .checkpoints import CheckpointError, atomic_save_safetensors, check_weights, load_exact, load_file, read_metadata, split_prefixes
 from .ipadapter import PerceiverAttention, feed_forward
 from .layers import LAYOUT_NAMES, LAYOUTS, Site, Transformer, check_sites
 
@@ -227,16 +227,9 @@ class PuLIDModel(nn.Module):
         per_site = _layers(layers)
         sd = {f"encoder.{k}": v for k, v in encoder.items()}
         sd.update({f"id_layers.{k}.{name}.weight": w for k, site in per_site.items() for name, w in site.items()})
-        for key, t in sd.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"{key.removeprefix('encoder.')} holds NaN or Inf values: the file is damaged")
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise CheckpointError(f"the PuLID {spec.version} encoder does not match its detected layout: missing "
-                                  f"{missing[:4]}, unexpected {unexpected[:4]}, shape mismatch {bad[:4]}")
-        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+        check_weights(encoder)
+        check_weights({f"{2 * k + 1}.{n}.weight": w for k, site in per_site.items() for n, w in site.items()})
+        load_exact(model, sd, f"the PuLID {spec.version} model", assign=True)
         return model.float()
 
     @classmethod

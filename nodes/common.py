@@ -2,12 +2,14 @@
 node runs, the adapter-model pairing, weights under model management, the install on a clone)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+import folder_paths
 import torch
 
 from ..models.inputs import check_finite, check_number
-from .comfy import sites, unet, weights
+from .comfy import folders, sites, unet, weights
 
 
 def fraction_input(default: float, tip: str):
@@ -46,3 +48,18 @@ def patch_model(model, patcher, check: Callable, build: Callable, start_at: floa
         patch = build(transformers, model_sites)
     sigma_start, sigma_end = sites.sigma_window(model, start_at, end_at)
     return sites.install_patch(model, patch, model_sites, transformers, sigma_start, sigma_end, patcher), patch, model_sites
+
+
+def save_embeds(embeds, filename_prefix: str, suffix: str) -> dict:
+    """Save ``embeds`` (anything with ``.save(path)``) as ``<prefix>_<counter>_<suffix>`` in the output folder, the
+    pattern ComfyUI's save-path helper reads existing counters from; the UI entry of the saved file."""
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
+    file = f"{name}_{counter:05}_{suffix}"
+    embeds.save(os.path.join(folder, file))
+    return {"ui": {"embeds": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+
+
+def embeds_files(suffix: str) -> list[str]:
+    """Saved embeds in the input folder, and in the output folder (tagged " [output]", as ComfyUI annotates)."""
+    return (folders.list_files(folder_paths.get_input_directory(), suffix)
+            + [f + " [output]" for f in folders.list_files(folder_paths.get_output_directory(), suffix)])

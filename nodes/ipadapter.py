@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import folder_paths
@@ -13,7 +12,7 @@ from ..models.inputs import check_finite, check_image, check_mask, check_number
 from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
 from ..models.layers import WEIGHT_TYPES, layer_weights
 from .comfy import folders, vision, weights
-from .common import checked_tokens, fraction_input, patch_model, weight_input
+from .common import checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 
 log = logging.getLogger("personalize")
 
@@ -326,18 +325,7 @@ class PersonalizeIPAdapterSaveEmbeds:
                                                             "tooltip": "Prefix in the output folder."})}}
 
     def save(self, embeds, filename_prefix):
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
-        # "<name>_<counter>_": the pattern ComfyUI's save-path helper reads existing counters from
-        file = f"{name}_{counter:05}_{EMBEDS_SUFFIX}"
-        embeds.save(os.path.join(folder, file))
-        log.info("saved IP-Adapter embeds to %s", os.path.join(folder, file))
-        return {"ui": {"embeds": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
-
-
-def _embeds_files() -> list[str]:
-    """Saved embeds in the input folder, and in the output folder (tagged " [output]", as ComfyUI annotates)."""
-    return (folders.list_files(folder_paths.get_input_directory(), EMBEDS_SUFFIX)
-            + [f + " [output]" for f in folders.list_files(folder_paths.get_output_directory(), EMBEDS_SUFFIX)])
+        return save_embeds(embeds, filename_prefix, EMBEDS_SUFFIX)
 
 
 class PersonalizeIPAdapterLoadEmbeds:
@@ -349,7 +337,7 @@ class PersonalizeIPAdapterLoadEmbeds:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"embeds_file": (_embeds_files(), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
+        return {"required": {"embeds_file": (embeds_files(EMBEDS_SUFFIX), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
 
     def load(self, embeds_file):
         return (IPAEmbeds.load(folders.annotated_file(embeds_file)),)

@@ -3,7 +3,6 @@ in models/pulid.py, the face pipeline in models/face/, the EVA-CLIP tower in mod
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import folder_paths
@@ -18,7 +17,7 @@ from ..models.face.image import ffhq_crop
 from ..models.face.parsing import load_parser
 from ..models.inputs import check_finite, check_image, check_mask, check_number
 from .comfy import folders, weights
-from .common import checked_tokens, fraction_input, patch_model, weight_input
+from .common import checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 from .face import FACE_ANALYSIS, IN_INDEX, IN_SELECTION
 
 log = logging.getLogger("personalize")
@@ -163,15 +162,7 @@ class PersonalizePuLIDSaveEmbeds:
                                                             "tooltip": "Prefix in the output folder."})}}
 
     def save(self, embeds, filename_prefix):
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
-        file = f"{name}_{counter:05}_{EMBEDS_SUFFIX}"  # the pattern ComfyUI's save-path helper reads counters from
-        embeds.save(os.path.join(folder, file))
-        return {"ui": {"embeds": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
-
-
-def _embeds_files() -> list[str]:
-    return (folders.list_files(folder_paths.get_input_directory(), EMBEDS_SUFFIX)
-            + [f + " [output]" for f in folders.list_files(folder_paths.get_output_directory(), EMBEDS_SUFFIX)])
+        return save_embeds(embeds, filename_prefix, EMBEDS_SUFFIX)
 
 
 class PersonalizePuLIDLoadEmbeds:
@@ -183,7 +174,7 @@ class PersonalizePuLIDLoadEmbeds:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"embeds_file": (_embeds_files(), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
+        return {"required": {"embeds_file": (embeds_files(EMBEDS_SUFFIX), {"tooltip": f"A *{EMBEDS_SUFFIX} file."})}}
 
     def load(self, embeds_file):
         return (core.PuLIDEmbeds.load(folders.annotated_file(embeds_file)),)

@@ -161,20 +161,12 @@ def face_only(faces: torch.Tensor, parser: nn.Module) -> torch.Tensor:
 
 def load_parser(sd: dict[str, torch.Tensor]) -> BiSeNet:
     """A :class:`BiSeNet` from facexlib's ``parsing_bisenet.pth`` state dict (keys as they are)."""
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError, check_weights, load_exact
 
     if "cp.resnet.conv1.weight" not in sd:
         kind = "ParseNet (parsing_parsenet.pth)" if any(k.startswith("encoder.") for k in sd) else "not a parsing model"
         raise CheckpointError(f"expected facexlib's BiSeNet (parsing_bisenet.pth, keys cp.resnet.*); this file is {kind}")
     model = BiSeNet(int(sd["conv_out.conv_out.weight"].shape[0]) if "conv_out.conv_out.weight" in sd else PARSING_CLASSES)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"the BiSeNet file does not match: missing {missing[:4]}, unexpected {unexpected[:4]}, shape "
-                              f"mismatch {bad[:4]}")
-    for k, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{k} holds NaN or Inf values: the file is damaged")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    check_weights(sd)
+    load_exact(model, sd, "the BiSeNet file")
     return model.eval().requires_grad_(False)
