@@ -8,7 +8,7 @@ from collections.abc import Callable
 import folder_paths
 import torch
 
-from ..models.inputs import check_finite, check_number
+from ..models.inputs import check_finite, check_mask, check_number
 from .comfy import folders, sites, unet, weights
 
 
@@ -23,6 +23,11 @@ def weight_input(tip: str, default: float = 1.0):
 def stored(tokens):
     """Tokens are kept on the CPU in fp32; a patch caches a copy per compute device and dtype."""
     return tuple(t.detach().to("cpu", torch.float32) for t in tokens)
+
+
+def checked_attn_mask(mask):
+    """An optional attn_mask input, checked and kept on the CPU in fp32 (None when not connected)."""
+    return None if mask is None else check_mask(mask, "attn_mask").float().cpu()
 
 
 def checked_tokens(tokens, what: str):

@@ -8,11 +8,11 @@ import folder_paths
 import torch
 
 from ..models.attention import EMBEDS_SCALING
-from ..models.inputs import check_finite, check_image, check_mask, check_number
+from ..models.inputs import check_finite, check_image, check_number
 from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
 from ..models.layers import WEIGHT_TYPES, layer_weights
 from .comfy import folders, vision, weights
-from .common import checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
+from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 
 log = logging.getLogger("personalize")
 
@@ -143,7 +143,7 @@ class _ApplyBase:
         """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
         check_number(weight, "weight")
         check_number(composition_weight, "composition_weight")
-        mask = _check_mask(attn_mask)
+        mask = checked_attn_mask(attn_mask)
 
         def build(transformers, model_sites):
             tokens = checked_tokens(project(), f"the image tokens of {ipadapter.name}")
@@ -305,10 +305,6 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
         text = "; ".join(info)
         log.info("IP-Adapter FaceID: %s", text)
         return (out, text)
-
-
-def _check_mask(mask):
-    return None if mask is None else check_mask(mask, "attn_mask").float().cpu()
 
 
 class PersonalizeIPAdapterSaveEmbeds:

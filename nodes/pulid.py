@@ -15,9 +15,9 @@ from ..models.eva_clip import EVAVisionTower
 from ..models.face import image_to_uint8
 from ..models.face.image import ffhq_crop
 from ..models.face.parsing import load_parser
-from ..models.inputs import check_finite, check_image, check_mask, check_number
+from ..models.inputs import check_finite, check_image, check_number
 from .comfy import folders, weights
-from .common import checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
+from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 from .face import FACE_ANALYSIS, IN_INDEX, IN_SELECTION
 
 log = logging.getLogger("personalize")
@@ -204,7 +204,7 @@ def _apply(model, loaded, embeds, weight, projection, num_zero, start_at, end_at
     embeds.check_for(spec)
     for i, t in enumerate([embeds.id_cond, *embeds.hidden]):
         check_finite(t, "the PuLID embeds" + (f" (hidden state {i - 1})" if i else ""))
-    mask = None if attn_mask is None else check_mask(attn_mask, "attn_mask").float().cpu()
+    mask = checked_attn_mask(attn_mask)
 
     def build(transformers, model_sites):
         cond, uncond = checked_tokens(core.encode_tokens(loaded.model, embeds, id_mix), f"the ID tokens of {loaded.name}")
