@@ -85,17 +85,22 @@ class ComfyDenoiser:
 
 @contextlib.contextmanager
 def gradient_checkpointing(patcher, enabled: bool = True):
-    """Recompute each UNet block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
-    dm = patcher.model.diffusion_model
-    blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks) if enabled else []
-    for b in blocks:
-        forward = b.forward
-        b.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(forward)
+    """Recompute each residual and transformer layer of the UNet in the backward pass (``torch.utils.checkpoint``,
+    non-reentrant). The layers, not the blocks: ComfyUI's UNet runs a block's layers one by one
+    (``forward_timestep_embed``), never calling the block's own forward."""
+    layers = []
+    if enabled:
+        dm = patcher.model.diffusion_model
+        for block in list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks):
+            layers += [layer for layer in block if any(p.numel() for p in layer.parameters())]
+    for m in layers:
+        forward = m.forward
+        m.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(forward)
     try:
         yield
     finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
+        for m in layers:
+            m.__dict__.pop("forward", None)
 
 
 def sdxl_size_conditioning(model, latents: torch.Tensor):

@@ -102,6 +102,37 @@ def test_the_training_forward_equals_the_exported_lora(env, comfy):
     assert (ours - off).abs().max() > 1e-3
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradient(env, comfy):
+    """ComfyUI's UNet runs a block's layers one by one (never the block's forward): checkpointing must wrap the layers.
+    With it on, autograd keeps far fewer tensors, and the LoRA's gradient is the same."""
+    _, _, model, _, _, _ = env
+    weights = comfy.module("nodes.comfy.weights")
+    denoiser = comfy.module("nodes.comfy.denoiser")
+    with torch.inference_mode(False):
+        lora = weights.training_lora(model, ("attn1.to_q", "attn2.to_v"), 4, 2.0, 0)
+        with torch.no_grad():
+            for _, d in lora.items():
+                d.up.normal_(0, 0.1)
+        den = denoiser.ComfyDenoiser(weights.attach_training_lora(model, lora))
+        den.load()
+        g = torch.Generator().manual_seed(1)
+        x_t, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400]), torch.randn(1, 77, 48, generator=g)
+        grads, saved = [], []
+        for on in (False, True):
+            count = [0]
+
+            def pack(x, count=count):
+                count[0] += 1
+                return x
+            lora.zero_grad()
+            with denoiser.gradient_checkpointing(den.patcher, on), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                den(x_t, t, ctx).pow(2).mean().backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in lora.parameters() if p.grad is not None]))
+            saved.append(count[0])
+    assert saved[1] < saved[0] / 3, f"checkpointing saved {saved[1]} tensors, without {saved[0]}"
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 @pytest.fixture
 def one_thread():
     """Deterministic CPU kernels: with several threads, CPU BLAS / oneDNN reductions are not bit-reproducible from
