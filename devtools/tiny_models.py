@@ -309,17 +309,21 @@ def clip_vision_config(kind):
 
 
 def tiny_clip_vision_kind(sd):
-    """Return the tiny kind ("vit-h"/"vit-bigG") a transformers-layout state dict matches, else None."""
+    """Return the tiny kind ("vit-h"/"vit-bigG") a transformers-layout state dict matches, else None.
+
+    Matched on hidden size and layer count, and on the projection width when the dict has a projection; a tower
+    without ``visual_projection.weight`` (E4T's ``clip_vision.*``, saved with ``proj = None``) matches on the first
+    two."""
     key = "vision_model.encoder.layers.0.layer_norm1.weight"
-    if key not in sd or "visual_projection.weight" not in sd:
+    if key not in sd:
         return None
     hidden = sd[key].shape[0]
-    proj = sd["visual_projection.weight"].shape[0]
+    proj = sd["visual_projection.weight"].shape[0] if "visual_projection.weight" in sd else None
     layers = 0
     while f"vision_model.encoder.layers.{layers}.layer_norm1.weight" in sd:
         layers += 1
     for kind, d in TINY_CLIP_VISION.items():
-        if (d["hidden_size"], d["projection_dim"], d["num_hidden_layers"]) == (hidden, proj, layers):
+        if (d["hidden_size"], d["num_hidden_layers"]) == (hidden, layers) and proj in (None, d["projection_dim"]):
             return kind
     return None
 
@@ -348,12 +352,19 @@ def register_tiny_configs():
 
     @functools.wraps(original)
     def load_clipvision_from_sd(sd, prefix="", convert_keys=False):
-        if not convert_keys and prefix == "":
+        if convert_keys:
+            # what the original does first; the converted dict then goes the unconverted way
+            sd, prefix, convert_keys = comfy.clip_vision.convert_to_transformers(sd, prefix), "", False
+        if prefix == "":
             kind = tiny_clip_vision_kind(sd)
             if kind is not None:
                 clip = comfy.clip_vision.ClipVisionModel(_clip_vision_json(kind))
                 missing, unexpected = clip.load_sd(sd)
-                if missing:
+                if missing == ["visual_projection.weight"]:
+                    # a tower saved without its projection (E4T's): ComfyUI leaves the Linear uninitialised, as for
+                    # a real file; only image_embeds depend on it
+                    log.info("tiny clip vision %s: no visual_projection (image_embeds are not meaningful)", kind)
+                elif missing:
                     log.warning("tiny clip vision %s: missing keys %s", kind, missing)
                 return clip
         return original(sd, prefix, convert_keys)
