@@ -231,7 +231,8 @@ def loss_curve_image(curves: dict[str, list[float]], width: int = 512, row: int 
     """One panel per loss term (own y range, labelled with its last value), as an IMAGE ``(1, H, W, 3)``."""
     from PIL import Image, ImageDraw
 
-    names = [k for k in ("total", "reconstruction", "prior", "sude", "palp") if k in curves] or ["(no steps)"]
+    known = ("total", "reconstruction", "prior", "sude", "palp")
+    names = [k for k in known if k in curves] + [k for k in curves if k not in known] or ["(no steps)"]
     img = Image.new("RGB", (width, row * len(names)), "white")
     draw = ImageDraw.Draw(img)
     colors = {"total": (0, 0, 0), "reconstruction": (31, 119, 180), "prior": (44, 160, 44), "sude": (214, 39, 40),

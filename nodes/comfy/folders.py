@@ -10,7 +10,8 @@ MODEL_FOLDERS = {
     "ipadapter": "IP-Adapter weights (h94/IP-Adapter, h94/IP-Adapter-FaceID on Hugging Face)",
     "pulid": "PuLID weights: guozinan/PuLID on Hugging Face (pulid_v1.1.safetensors, pulid_v1.bin), or "
              "huchenlei/ipadapter_pulid (ip-adapter_pulid_sdxl_fp16.safetensors)",
-    "e4t": "E4T encoders and weight offsets",
+    "e4t": "E4T models, one folder each (config.json, encoder.pt, weight_offsets.pt): "
+           "mshing/e4t-diffusion-ffhq-celebahq-v1 on Hugging Face, or the output of training/e4t_pretrain.py",
     "insightface": "insightface model packs, as models/insightface/models/<name>/*.onnx",
     "eva_clip": "EVA02-CLIP vision towers: QuanSun/EVA-CLIP on Hugging Face (EVA02_CLIP_L_336_psz14_s6B.pt)",
     "face_parsing": "face parsing models: facexlib's GitHub release v0.2.0 (parsing_bisenet.pth)",
@@ -41,6 +42,40 @@ def full_path(folder: str, name: str, what: str) -> str:
         raise FileNotFoundError(f"{what} '{name}' not found in the '{folder}' folders: {searched}. "
                                 f"Put the file there ({MODEL_FOLDERS.get(folder, 'see the README')}).")
     return path
+
+
+MAX_MODEL_DIR_DEPTH = 3  # how deep a listing looks for model folders (models/e4t/<group>/<name>/config.json)
+
+
+def list_model_dirs(folder: str, marker: str) -> list[str]:
+    """Subfolders of a model folder that hold ``marker`` (a model stored as a folder: E4T's config.json and weights),
+    as ``/``-separated names relative to the folder, sorted."""
+    out = set()
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            if dirpath.count(os.sep) - root.rstrip(os.sep).count(os.sep) >= MAX_MODEL_DIR_DEPTH:
+                dirnames[:] = []
+            if marker in filenames and dirpath != root:
+                out.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []
+    return sorted(out)
+
+
+def model_dir(folder: str, name: str, marker: str, what: str) -> str:
+    """The folder ``name`` of a model folder (it must hold ``marker``; never a path outside the model folder), or an
+    error naming the folders searched and where to get the model."""
+    roots = folder_paths.get_folder_paths(folder)
+    for root in roots:
+        base = os.path.realpath(root)
+        path = os.path.realpath(os.path.join(base, name))
+        if os.path.commonpath([base, path]) != base or path == base:
+            raise ValueError(f"{what} {name!r} points outside the '{folder}' folder; choose a name from the list")
+        if os.path.isfile(os.path.join(path, marker)):
+            return path
+    raise FileNotFoundError(f"{what} '{name}' not found in the '{folder}' folders: {', '.join(roots) or '(none)'}: a "
+                            f"folder there holding {marker} is expected ({MODEL_FOLDERS.get(folder, 'see the README')}).")
 
 
 def first_folder(name: str) -> str:

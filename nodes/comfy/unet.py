@@ -41,3 +41,60 @@ def compute_dtype(model) -> torch.dtype:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
     return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The down + middle pass (E4T's UNet features) and the stackable model wrapper
+
+
+def feature_channels(model) -> list[int]:
+    """Channels of the outputs of each input block and of the middle block (what :func:`down_mid_features` returns),
+    read from the modules: SD1.x gives 4 x 320, 3 x 640, 6 x 1280 (10880 in all)."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+
+    dm = model.model.diffusion_model
+    out, ch = [], None
+    for block in list(dm.input_blocks) + [dm.middle_block]:
+        for layer in block:
+            if isinstance(layer, (oai.ResBlock, oai.Downsample)):
+                ch = layer.out_channels
+            elif isinstance(layer, torch.nn.Conv2d):
+                ch = layer.out_channels
+        out.append(ch)
+    return out
+
+
+def down_mid_features(diffusion_model, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the input blocks and of the middle block of a ComfyUI UNet on ``x`` at ``timesteps`` (diffusers'
+    ``down_block_res_samples + (mid,)``, in that order), without the output blocks. The first half of
+    ``UNetModel._forward`` (comfy/ldm/modules/diffusionmodules/openaimodel.py, ComfyUI 0.3.64) with blank transformer
+    options: no attention patches (IP-Adapter, PuLID), no ControlNet residuals, no block patches take part, as in the
+    reference, whose feature pass runs a plain UNet."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    dm = diffusion_model
+    options = {"original_shape": list(x.shape), "transformer_index": 0}
+    emb = dm.time_embed(timestep_embedding(timesteps, dm.model_channels, repeat_only=False).to(x.dtype))
+    h, out = x, []
+    for block_id, block in enumerate(dm.input_blocks):
+        options["block"] = ("input", block_id)
+        h = oai.forward_timestep_embed(block, h, emb, context, options)
+        out.append(h)
+    options["block"] = ("middle", 0)
+    out.append(oai.forward_timestep_embed(dm.middle_block, h, emb, context, options))
+    return out
+
+
+def add_model_wrapper(model, key: str, wrapper) -> None:
+    """A stackable wrapper around the diffusion model's forward (``WrappersMP.DIFFUSION_MODEL`` under ``key``):
+    ``wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs)``; other packs' wrappers
+    keep running (never the single-slot ``model_function_wrapper``)."""
+    import comfy.patcher_extension as pe
+
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, key, wrapper)
+
+
+def is_sd1_like(model) -> bool:
+    """A UNet conditioned by cross-attention only (SD1.x / SD2.x), not SDXL or another extra-conditioned UNet."""
+    return is_unet(model) and not getattr(model.model, "adm_channels", 0)

@@ -29,3 +29,27 @@ def blank_clip_features(clip_vision, feature: str) -> torch.Tensor:
     out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
     feats = out[2] if feature == "image_embeds" else out[1]
     return feats.to(mm.intermediate_device()).float()
+
+
+def load_open_clip_tower(sd: dict, what: str):
+    """A ComfyUI CLIP_VISION model from an image tower in open_clip keys (``conv1.weight``, ``transformer.resblocks.*``;
+    E4T's ``clip_vision.*``) or transformers keys (``vision_model.*``), through ComfyUI's own conversion and loader."""
+    import comfy.clip_vision
+
+    prefixed = {"clip_vision." + k: v for k, v in sd.items()}
+    converted = comfy.clip_vision.convert_to_transformers(prefixed, "clip_vision.")
+    model = comfy.clip_vision.load_clipvision_from_sd(converted)
+    if model is None:
+        raise ValueError(f"{what}: the CLIP image tower ({len(sd)} tensors) is not one ComfyUI's CLIP-vision loader knows "
+                         "(E4T's public encoder holds the OpenCLIP ViT-H-14 tower)")
+    return model
+
+
+@torch.no_grad()
+def tower_outputs(clip_vision, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last layer's raw output (B, 1 + patches, hidden), pooled = ln_post(class token))`` for normalized pixels
+    ``(B, 3, size, size)``: the tower called directly (``encode_image`` would apply ComfyUI's own preprocessing)."""
+    mm.load_model_gpu(clip_vision.patcher)
+    vm = clip_vision.model.vision_model
+    out = vm(pixels.to(clip_vision.load_device, torch.float32))
+    return out[0].float().to(mm.intermediate_device()), out[2].float().to(mm.intermediate_device())
