@@ -208,6 +208,37 @@ def pulid_ipadapter_style_sdxl() -> dict:
     return g
 
 
+E4T_NAME = "e4t-diffusion-ffhq-celebahq-v1"  # mkshing's public face model (a folder in models/e4t)
+
+
+def e4t_tune_sd15() -> dict:
+    """E4T: tune the public face encoder on one face (15 steps, the reference), then sample the tuned model with the
+    tuned encoder's word embedding recomputed at every step. The guidance is the reference inference script's
+    CFG 7.5 of the reference pipeline; the negative is the empty prompt (the Apply node's negative output)."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeE4TLoader", "inputs": {"e4t_name": E4T_NAME}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": FACE}},
+        "5": {"class_type": "PersonalizeE4TTune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "e4t": ["2", 0], "image": ["4", 0], "steps": 15,
+            "learning_rate": 1.6e-5, "batch_size": 16, "reg_lambda": 1e-4,
+            "mode": "reference (all UNet weights + offsets + encoder)", "seed": 0, "save_name": "e4t_tuned_face",
+            "resume": False, "lora_rank": 16, "resolution": 512, "gradient_checkpointing": True,
+            "mixed_precision": "no", "max_grad_norm": 1.0, "checkpoint_every": 0, "overwrite": False}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
+        "7": {"class_type": "PersonalizeE4TApply", "inputs": {
+            "model": ["5", 0], "clip": ["1", 1], "e4t": ["5", 1], "image": ["4", 0],
+            "prompt": "a photo of *s as a watercolor painting", "mode": "per step (reference)"}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "23": {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": 42, "steps": 30, "cfg": 7.5,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["7", 1],
+                                                   "negative": ["7", 2], "latent_image": ["22", 0], "denoise": 1.0}},
+        "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}},
+        "25": {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "personalize/e4t_tune_sd15"}},
+    }
+    return g
+
+
 WORKFLOWS = {
     "ipadapter_sd15_basic": basic_sd15,
     "ipadapter_sdxl_style_transfer": style_transfer_sdxl,
@@ -217,6 +248,7 @@ WORKFLOWS = {
     "pulid_sdxl": pulid_sdxl,
     "pulid_sdxl_two_identities_masked": pulid_two_identities_sdxl,
     "pulid_sdxl_ipadapter_style": pulid_ipadapter_style_sdxl,
+    "e4t_tune_sd15": e4t_tune_sd15,
 }
 
 

@@ -47,7 +47,10 @@ MODEL_INPUTS = {
     ("*", "pulid_file"): "pulid",
     ("*", "eva_clip_file"): "eva_clip",
     ("*", "parsing_file"): "face_parsing",
+    ("PersonalizeE4TLoader", "e4t_name"): "e4t",  # a folder (config.json + weights), not a file
 }
+#: Inputs of the tuning nodes shrunk in a tiny run (a CPU smoke run of the graph, not of the training).
+_TINY_TUNING = {"PersonalizeE4TTune": {"batch_size": 2}}
 #: Node types whose input images must show a face the tiny blob detector finds (see tiny_onnx_faces).
 _FACE_NODES = {"PersonalizeFaceEmbed", "PersonalizePuLIDEncode"}
 #: The test face for tiny runs: a white square of side 3 * 32 with its corner on the 32-pixel grid of a 640 x 640
@@ -152,6 +155,8 @@ def _model_present(folder, value):
     if folder == "insightface":  # a model pack is a folder: <root>/models/<name>/*.onnx
         return any(os.path.isdir(os.path.join(root, "models", value)) or os.path.isdir(os.path.join(root, value))
                    for root in folder_paths.get_folder_paths(folder))
+    if folder == "e4t":  # a folder holding config.json
+        return any(os.path.isfile(os.path.join(root, value, "config.json")) for root in folder_paths.get_folder_paths(folder))
     return folder_paths.get_full_path(folder, value) is not None
 
 
@@ -189,6 +194,12 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         layout = checkpoint_layout(value)
         return _ensure(os.path.join(out_dir, f"tiny_lora_{layout}.safetensors"),
                        lambda p: tiny_models.write_tiny_lora(p, layout, seed))
+    if folder == "e4t":
+        import tiny_e4t
+        path = os.path.join(out_dir, value)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            tiny_e4t.write_tiny_e4t(path, seed=seed)
+        return value
     if folder == "insightface":
         import tiny_onnx_faces
         root = os.path.join(cache_dir, "insightface")
@@ -296,7 +307,7 @@ def main(argv=None):
             args.steps = TINY_DEFAULT_STEPS
         log.info("tiny run at %d px, %d steps (override with --size / --steps)", args.size, args.steps)
         prepare_cache(args.cache_dir)
-        comfy_host.use_models_dir(args.cache_dir, folder_names=("insightface", "pulid", "eva_clip", "face_parsing"))
+        comfy_host.use_models_dir(args.cache_dir, folder_names=("insightface", "pulid", "eva_clip", "face_parsing", "e4t"))
         for node_id, name, folder, value in refs:
             sub = tiny_substitute(folder, value, args.cache_dir, args.seed)
             api[node_id]["inputs"][name] = sub
@@ -316,6 +327,10 @@ def main(argv=None):
                 inputs["image"] = name + " [temp]"
         if args.steps is not None and isinstance(inputs.get("steps"), int):
             inputs["steps"] = args.steps
+        if missing or args.tiny:
+            inputs.update({k: v for k, v in _TINY_TUNING.get(node["class_type"], {}).items() if k in inputs})
+            if node["class_type"] in _TINY_TUNING and args.size is not None and "resolution" in inputs:
+                inputs["resolution"] = args.size
         if args.size is not None and "EmptyLatent" in node["class_type"]:
             for key in ("width", "height"):
                 if isinstance(inputs.get(key), int):
