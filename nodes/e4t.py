@@ -226,14 +226,15 @@ class PersonalizeE4TApply:
 
 
 def tune_crop(pixels: torch.Tensor, resolution: int, seed: int) -> torch.Tensor:
-    """The reference's tuning image, made once: shorter side resized to ``resolution`` (bicubic), a random square crop
+    """The reference's tuning image, made once: shorter side resized to ``resolution`` (bicubic, no antialiasing, as
+    albumentations.SmallestMaxSize with cv2's INTER_CUBIC), a random square crop
     and a random horizontal flip (p 0.5), seeded."""
     import torch.nn.functional as F
 
     h, w = pixels.shape[-2:]
     s = resolution / min(h, w)
     size = (max(resolution, round(h * s)), max(resolution, round(w * s)))
-    x = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+    x = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)  # cv2 INTER_CUBIC: no antialias
     g = torch.Generator().manual_seed(int(seed))
     top = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=g))
     left = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=g))

@@ -32,13 +32,19 @@ class E4TConditioner:
         self.empty, self.marker = empty, marker
         self.calls = 0  # how many calls re-encoded rows (tests, logging)
 
-    def rows(self, context: torch.Tensor) -> list[int]:
+    def rows(self, context: torch.Tensor, cond_or_uncond=None) -> list[int]:
+        """Rows of the positive chunks (``cond_or_uncond`` 0: ComfyUI's batch layout, comfy/samplers.py) whose context
+        is this prompt's."""
         m = self.marker.to(context.device, context.dtype)
         if context.shape[1] < m.shape[1]:
             return []
+        candidates = range(context.shape[0])
+        if cond_or_uncond:
+            per = context.shape[0] // len(cond_or_uncond)
+            candidates = [i for i in candidates if cond_or_uncond[min(i // per, len(cond_or_uncond) - 1)] == 0]
         head = context[:, : m.shape[1]]
         tol = 1e-3 * float(m.abs().max()) + 1e-6
-        return [i for i in range(context.shape[0]) if float((head[i] - m[0]).abs().max()) <= tol]
+        return [i for i in candidates if float((head[i] - m[0]).abs().max()) <= tol]
 
     @torch.no_grad()
     def encode_rows(self, diffusion_model, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,7 @@ class E4TConditioner:
         return self.prompt.encode(e.float())
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        rows = self.rows(context) if context is not None else []
+        rows = self.rows(context, transformer_options.get("cond_or_uncond")) if context is not None else []
         if rows:
             idx = torch.tensor(rows, device=x.device)
             ctx = self.encode_rows(executor.class_obj, x[idx], timesteps[idx])

@@ -165,6 +165,9 @@ def test_per_step_embedding_follows_the_latent_and_replaces_only_its_rows(env, c
     assert (a[0] - ctx[0]).abs().max() > 1e-4, "the E4T row is re-encoded"
     assert (a[0] - b[0]).abs().max() > 1e-5, "the embedding follows the latent"
     assert cond.calls == 2
+    with torch.inference_mode():  # the same context in a negative chunk (cond_or_uncond 1) is not the E4T prompt
+        cond(executor, x1, t, torch.cat([ctx[:1], ctx[:1]]), None, None, {"cond_or_uncond": [1, 0]})
+    assert torch.equal(seen[-1][0], ctx[0]) and not torch.equal(seen[-1][1], ctx[0])
 
 
 def test_per_step_sampling_runs_and_differs_from_static(env, comfy):
