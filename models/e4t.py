@@ -289,6 +289,33 @@ def preprocess(pixels: torch.Tensor, size: int = CLIP_IMAGE_SIZE) -> torch.Tenso
     return (x - mean) / std
 
 
+# mkshing make_transforms: albumentations SmallestMaxSize(interpolation=3), an OpenCV flag: cv2.INTER_AREA (pixel-area
+# averaging), not bicubic. PIL's BOX filter is the same average when shrinking (to one grey level for integer factors,
+# e.g. FFHQ 1024 -> 512); when enlarging both are close to nearest-neighbour. Then RandomCrop and HorizontalFlip(p=0.5).
+RESIZE_FILTER = "BOX"
+FLIP_P = 0.5
+
+
+def reference_crop(image, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    """The reference's augmentation of one RGB PIL image: the short side resized to ``resolution`` (pixel-area
+    averaging), a random square crop and a horizontal flip with p 0.5 (both drawn from ``generator``), as ``(3, r, r)``
+    in [-1, 1]. Pretraining draws it at every step; tuning once."""
+    from PIL import Image
+
+    size = int(resolution)
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    if (w, h) != image.size:
+        image = image.resize((w, h), getattr(Image, RESIZE_FILTER))
+    top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + size, top + size))
+    if float(torch.rand(1, generator=generator)) < FLIP_P:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
 def pool_features(features: Iterable[torch.Tensor]) -> torch.Tensor:
     """The UNet features as the head takes them: each ``(B, C_i, H_i, W_i)`` averaged over space, concatenated."""
     return torch.cat([f.float().mean(dim=(2, 3)) for f in features], dim=-1)

@@ -226,22 +226,13 @@ class PersonalizeE4TApply:
 
 
 def tune_crop(pixels: torch.Tensor, resolution: int, seed: int) -> torch.Tensor:
-    """The reference's tuning image, made once: shorter side resized to ``resolution`` (bicubic, no antialiasing, as
-    albumentations.SmallestMaxSize with cv2's INTER_CUBIC), a random square crop
-    and a random horizontal flip (p 0.5), seeded."""
-    import torch.nn.functional as F
+    """The reference's tuning image, made once (seeded): ``models.e4t.reference_crop`` of the 8-bit picture, as the
+    reference reads it (short side to ``resolution`` by pixel-area averaging, a random square crop, a random flip)."""
+    from PIL import Image
 
-    h, w = pixels.shape[-2:]
-    s = resolution / min(h, w)
-    size = (max(resolution, round(h * s)), max(resolution, round(w * s)))
-    x = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)  # cv2 INTER_CUBIC: no antialias
+    u8 = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
     g = torch.Generator().manual_seed(int(seed))
-    top = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=g))
-    left = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=g))
-    x = x[..., top:top + resolution, left:left + resolution]
-    if float(torch.rand(1, generator=g)) < 0.5:
-        x = x.flip(-1)
-    return x
+    return core.reference_crop(Image.fromarray(u8), resolution, g)[None]
 
 
 class PersonalizeE4TTune:
