@@ -104,7 +104,7 @@ def train_lora_sd15() -> dict:
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["4", 0], "subject_token": "sks",
             "class_word": "dog", "palp_prompts": "a sketch of a dog\na watercolor painting of a dog", "steps": 500,
             "learning_rate": 1e-4, "rank": 16, "sude_weight": 0.4, "palp_weight": 1.0, "prior_weight": 0.0, "seed": 0,
-            "save_name": "personalize_sks_dog", "resume": False, "image_folder": "", "prior_count": 8,
+            "save_name": "personalize_sks_dog", "overwrite": False, "resume": False, "image_folder": "", "prior_count": 8,
             "targets": "attention (q, k, v, out)", "palp_alpha": 15.0, "palp_beta": 7.5, "batch_size": 1,
             "grad_accumulation": 1, "gradient_checkpointing": False, "mixed_precision": "no",
             "validation_prompt": "a photo of {token} {class_word}", "validate_every": 100, "validation_steps": 10,
