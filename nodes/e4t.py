@@ -37,10 +37,17 @@ STATIC_LATENT_SIDE, STATIC_SEED = 64, 0
 LIGHT_LORA_RANK = 16  # our default for the light mode (not a reference value)
 RESOLUTION = 512  # the reference's crop size (tuning_e4t.py --resolution)
 MIN_IMAGE_SIDE = 64
-# Activations per image of one tuning step, in bytes per latent pixel, for the memory estimate: a rough figure for an
-# SD1.x UNet in fp32 without gradient checkpointing (two UNet passes, one of them half); our estimate, not measured on
-# a GPU here; gradient checkpointing divides it by about 4.
-ACTIVATION_BYTES_PER_LATENT_PIXEL = 160_000
+# Bytes autograd keeps for the backward of one tuning step (the full UNet pass and the down + mid feature pass), per
+# latent pixel of the batch, SD1.x in fp32 with every weight trainable: measured with torch's saved-tensor hooks on a
+# full-size SD1.5 UNet (random weights) at a 16x16 latent, where attention's score matrices are no part of it (ComfyUI
+# runs PyTorch's scaled-dot-product attention, which on a GPU keeps none); bench/e4t_step.py prints the figure again.
+# At a 64x64 latent the CPU, whose attention keeps the scores, measured 1.63 MB. Gradient checkpointing keeps about
+# a quarter (our estimate); bf16 / fp16 autocast halves it.
+ACTIVATION_BYTES_PER_LATENT_PIXEL = 760_000
+# Tensors of the size of each offset target's weight that a tuning step keeps for the backward besides the weight
+# copies: the generator's M = a b^T and linear_column output (once per step), and in each of the two UNet passes
+# 1 + dW and the product W * (1 + dW). Our count from models/e4t.py WeightOffsets.forward and the weight function.
+DW_GRAPH_TENSORS = 2 + 2 * 2
 
 
 class E4TModel:
@@ -192,7 +199,8 @@ class PersonalizeE4TApply:
                    "Bakes the learned weight offsets into the model (W * (1 + dW) on every attention q, k, v) and writes "
                    "the encoder's word embedding into the placeholder of the prompt (default *s: 'a photo of *s'). By "
                    "default the embedding is recomputed at every denoising step from the current latent, as the "
-                   "reference does (about 1.3x a plain step); 'static' computes it once (an approximation). Use the "
+                   "reference does (an extra pass of the input and middle blocks on the positive: about 1.25x a "
+                   "plain step by its parts); 'static' computes it once (an approximation). Use the "
                    "positive and negative outputs in the sampler (the negative is the empty prompt, as the reference). "
                    "For best identity, tune first (E4T Tune) and apply the tuned encoder to the tuned model.")
     CATEGORY = CATEGORY
@@ -336,7 +344,8 @@ class PersonalizeE4TTune:
                 lora = weights.training_lora(model, ATTENTION_TARGETS, lora_rank, None, seed)
             trainable = sum(p.numel() for m in (head, offsets, full, lora) if m is not None for p in m.parameters())
             device = weights.compute_device()
-            self._check_memory(model, device, trainable, batch_size, resolution, gradient_checkpointing, train_mode)
+            self._check_memory(model, device, trainable, offsets, batch_size, resolution, gradient_checkpointing,
+                               mixed_precision, train_mode)
 
             clip_in = clip_inputs_of(e4t, pixels)
             class_embed = text.word_embedding_of(clip, cfg.domain_class_token, head.word_dim)
@@ -425,21 +434,47 @@ class PersonalizeE4TTune:
                  "or lower batch_size") if mode == "tune" else "turn on gradient_checkpointing or lower batch_size"
         return f"E4T tuning {what}: {other}"
 
-    def _check_memory(self, model, device, trainable: int, batch: int, resolution: int, checkpointing: bool, mode: str):
-        """Stop before any work when the trainable state, the model's weights and the activations (estimated) do not
-        fit the compute device's free memory (the CPU is not checked: it swaps rather than fails)."""
+    def _check_memory(self, model, device, trainable: int, offsets: core.OffsetSet, batch: int, resolution: int,
+                      checkpointing: bool, mixed_precision: str, mode: str):
+        """Stop before any work when the estimate (:func:`tuning_memory`) does not fit the compute device's free memory
+        (the CPU is not checked: it swaps rather than fails)."""
         if torch.device(device).type == "cpu":
             return
-        model_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
-        latent_pixels = (resolution // 8) ** 2
-        act = ACTIVATION_BYTES_PER_LATENT_PIXEL * batch * latent_pixels // (4 if checkpointing else 1)
-        need = tuning.adamw_bytes(trainable) + model_bytes + act
-        free = weights.free_memory(device)
-        if need > free:
-            raise MemoryError(self._memory_message(
-                mode, f"needs about {need / 2**30:.1f} GB ({tuning.adamw_bytes(trainable) / 2**30:.1f} GB of trainable "
-                      f"state for {trainable / 1e6:.0f}M parameters, {model_bytes / 2**30:.1f} GB of model weights, "
-                      f"{act / 2**30:.1f} GB of activations, estimated) and {free / 2**30:.1f} GB are free"))
+        parts = tuning_memory(model, trainable, offsets, batch, resolution, checkpointing, mixed_precision)
+        check_memory_fits(parts, weights.free_memory(device), mode, trainable)
+
+
+def tuning_memory(model, trainable: int, offsets: core.OffsetSet, batch: int, resolution: int, checkpointing: bool,
+                  mixed_precision: str = "no") -> dict[str, int]:
+    """Estimated bytes of one tuning run on the compute device, by part: the trainable state (the parameters, their
+    gradients and AdamW's two moments), the model's weights, the activations of both UNet passes, the per-forward
+    weight copies that autograd keeps (ComfyUI hands a wrapped layer a copy of its weight; without gradient
+    checkpointing every layer's copy lives until the backward, in both passes) and the offset generators' graph."""
+    dm = model.model.diffusion_model
+
+    def nbytes(modules):
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    model_bytes = nbytes([dm])
+    feature_bytes = nbytes([dm.time_embed, dm.input_blocks, dm.middle_block])
+    act = ACTIVATION_BYTES_PER_LATENT_PIXEL * batch * (resolution // 8) ** 2
+    if mixed_precision != "no":
+        act //= 2
+    copies = model_bytes + feature_bytes
+    if checkpointing:
+        act, copies = act // 4, 0
+    dw = sum(o * i for o, i in offsets.shapes().values())
+    return {"trainable state": tuning.adamw_bytes(trainable), "model weights": model_bytes, "activations": act,
+            "weight copies": copies, "offset graph": DW_GRAPH_TENSORS * 4 * dw}
+
+
+def check_memory_fits(parts: dict[str, int], free: int, mode: str, trainable: int) -> None:
+    need = sum(parts.values())
+    if need > free:
+        detail = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in parts.items())
+        raise MemoryError(PersonalizeE4TTune._memory_message(
+            mode, f"needs about {need / 2**30:.1f} GB ({detail} GB, estimated; {trainable / 1e6:.0f}M trainable "
+                  f"parameters) and {free / 2**30:.1f} GB are free"))
 
 
 NODES = {

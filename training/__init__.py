@@ -11,4 +11,7 @@ reconstruction / DreamBooth prior / SuDe / PALP losses, a deterministic resumabl
 - ``diffusers_host``: the same on a diffusers UNet + CLIP text encoder; ``cli``: the command line
   (``python training/cli.py --config run.json``, multi-GPU through ``accelerate launch``).
 - ``sampling``: DDIM with classifier-free guidance (class images, validation samples).
+- ``e4t``: E4T's tuning / pretraining loop (encoder head + weight offsets + optional UNet deltas), shared by the
+  tuning node and the pretraining CLI; ``e4t_diffusers``: E4T on a diffusers UNet + CLIP; ``e4t_pretrain``: the
+  pretraining command line (``python training/e4t_pretrain.py --config run.json``, multi-GPU through accelerate).
 """

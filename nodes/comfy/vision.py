@@ -1,8 +1,18 @@
 """CLIP vision features of ComfyUI's CLIP_VISION models, as the image-prompt adapters take them."""
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management as mm
 import torch
+
+# ComfyUI's CLIP-vision loader warns about every key its model has and the file lacks (comfy/clip_vision.py,
+# ``load_sd``); an image tower without projection (E4T's) lacks exactly this one, by design.
+_NO_PROJECTION_WARNING = "missing clip vision: ['visual_projection.weight']"
+
+
+def _drop_no_projection_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _NO_PROJECTION_WARNING
 
 
 def clip_vision_width(clip_vision, feature: str) -> int:
@@ -38,7 +48,12 @@ def load_open_clip_tower(sd: dict, what: str):
 
     prefixed = {"clip_vision." + k: v for k, v in sd.items()}
     converted = comfy.clip_vision.convert_to_transformers(prefixed, "clip_vision.")
-    model = comfy.clip_vision.load_clipvision_from_sd(converted)
+    root = logging.getLogger()
+    root.addFilter(_drop_no_projection_warning)
+    try:
+        model = comfy.clip_vision.load_clipvision_from_sd(converted)
+    finally:
+        root.removeFilter(_drop_no_projection_warning)
     if model is None:
         raise ValueError(f"{what}: the CLIP image tower ({len(sd)} tensors) is not one ComfyUI's CLIP-vision loader knows "
                          "(E4T's public encoder holds the OpenCLIP ViT-H-14 tower)")

@@ -42,7 +42,7 @@ def unet_call(model, x, t, ctx):
         return model.model.diffusion_model(x, timesteps=t, context=ctx).float()
 
 
-def test_loader_reads_the_reference_layout_in_both_formats(env, comfy):
+def test_loader_reads_the_reference_layout_in_both_formats(env, comfy, caplog):
     maps, _, _, _, _, e4t, _ = env
     import tiny_e4t
 
@@ -50,8 +50,10 @@ def test_loader_reads_the_reference_layout_in_both_formats(env, comfy):
     assert e4t.head.feature_channels == tiny_e4t.TINY_SD15_FEATURE_CHANNELS == 1088
     assert len(e4t.weights.offsets.names) == 96
     assert e4t.config.placeholder_token == "*s" and e4t.config.domain_class_token == "face"
-    with torch.inference_mode():
+    with torch.inference_mode(), caplog.at_level("WARNING"):
         st = maps["PersonalizeE4TLoader"]().load("tiny_face_st")[0]
+    # the tower has no projection by design: ComfyUI's warning about exactly that key is not passed on
+    assert "missing clip vision" not in caplog.text
     for (n, a), (m, b) in zip(e4t.deltas().items(), st.deltas().items(), strict=True):
         assert n == m and torch.equal(a, b)
     sd_a = e4t.clip_vision.model.state_dict()
@@ -257,3 +259,25 @@ def test_refusals(env, comfy):
     static = node.apply_e4t(model, clip, e4t, node.image_pixels(image), "a photo of *s", "static")[0]
     with pytest.raises(ValueError, match="offsets already"):
         tune(env, "t2_e4t_refused", model=static)
+
+
+def test_memory_estimate_parts_and_refusal(env, comfy):
+    _, _, model, _, _, e4t, _ = env
+    node = comfy.module("nodes.e4t")
+    offsets = e4t.weights.offsets
+    base = node.tuning_memory(model, 1000, offsets, 2, 64, False)
+    assert set(base) == {"trainable state", "model weights", "activations", "weight copies", "offset graph"}
+    assert base["trainable state"] == 16 * 1000
+    assert base["activations"] == node.ACTIVATION_BYTES_PER_LATENT_PIXEL * 2 * 8 * 8
+    assert node.tuning_memory(model, 1000, offsets, 4, 64, False)["activations"] == 2 * base["activations"]
+    assert node.tuning_memory(model, 1000, offsets, 2, 64, False, "bf16")["activations"] == base["activations"] // 2
+    ckpt = node.tuning_memory(model, 1000, offsets, 2, 64, True)
+    assert ckpt["weight copies"] == 0 < base["weight copies"] and ckpt["activations"] == base["activations"] // 4
+    need = sum(base.values())
+    node.check_memory_fits(base, need, "tune", 1000)  # fits exactly: no error
+    with pytest.raises(MemoryError, match="switch mode to light") as err:
+        node.check_memory_fits(base, need - 1, "tune", 1000)
+    assert "activations" in str(err.value) and "are free" in str(err.value)
+    with pytest.raises(MemoryError, match="gradient_checkpointing") as err:
+        node.check_memory_fits(base, need - 1, "tune-light", 1000)
+    assert "switch mode" not in str(err.value)
