@@ -186,6 +186,36 @@ def test_per_step_sampling_runs_and_differs_from_static(env, comfy):
     assert (outs["per_step"] - outs["static"]).abs().max() > 1e-5
 
 
+
+def test_per_step_chains_with_other_packs_and_keeps_their_attention_patches_out_of_the_feature_pass(env, comfy):
+    _, nodes, model, clip, _, e4t, image = env
+    node = comfy.module("nodes.e4t")
+    import comfy.patcher_extension as pe
+    from comfy.ldm.modules.attention import optimized_attention
+
+    seen = {"attn2": 0, "wrapper": 0}
+
+    def other_pack_wrapper(executor, *args, **kwargs):  # another pack's diffusion-model wrapper (its own key)
+        seen["wrapper"] += 1
+        return executor(*args, **kwargs)
+
+    def other_pack_attn2(q, k, v, extra_options):  # an IP-Adapter-like attn2 replace on one block
+        seen["attn2"] += 1
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    base = model.clone()
+    base.set_model_attn2_replace(other_pack_attn2, "input", 1)
+    base.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "another_pack", other_pack_wrapper)
+    with torch.inference_mode():
+        patched, pos, neg, cond = node.apply_e4t(base, clip, e4t, node.image_pixels(image), "a photo of *s", "per_step")
+        assert seen == {"attn2": 0, "wrapper": 0}, "the static feature pass runs a plain UNet"
+        nodes.common_ksampler(patched, 1, 3, 5.0, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 16, 16)})
+    assert cond.calls == 3
+    assert seen["wrapper"] == 3, "the other pack's wrapper runs at every step"
+    assert seen["attn2"] == 3, "the attention patch runs in the main pass only (cond + uncond batched), never in the feature pass"
+    assert base.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, "personalize_e4t") == [], "the input model is not changed"
+
+
 def tune(env, name, model=None, **kw):
     maps, _, base, clip, vae, e4t, image = env
     model = base if model is None else model
