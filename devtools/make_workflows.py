@@ -252,6 +252,14 @@ WORKFLOWS = {
 }
 
 
+# Layout of the UI form (canvas units). The frontend draws a node's title above its position; Load Image grows to
+# show its picture when it loads, and the preview nodes get a size at which their pictures can be read.
+NODE_WIDTH, LEFT, TOP, GAP, TITLE_HEIGHT = 320, 40, 60, 50, 30
+NODE_SIZES = {"LoadImage": (320, 360), "PreviewImage": (420, 440), "SaveImage": (420, 440)}
+# The default view shows the whole graph on a 1600 x 1000 window (the canvas under the frontend's bars), at most 0.8.
+VIEW, MAX_SCALE = (1560, 900), 0.8
+
+
 def api_to_ui(api: dict) -> dict:
     """Frontend (litegraph 0.4) form of an API graph, laid out in columns by graph depth."""
     import comfy_host
@@ -288,20 +296,31 @@ def api_to_ui(api: dict) -> dict:
                     links.append([link_id, int(value[0]), value[1], int(nid), len(inputs) - 1, typ])
                     inputs[-1]["link"] = link_id
         d = node_depth(nid)
-        y = column_y.get(d, 60)
-        height = 60 + 26 * (len(widgets) + max(len(inputs), len(names)))
-        column_y[d] = y + height + 40
+        y = column_y.get(d, TOP)
+        width, height = NODE_SIZES.get(node["class_type"], (NODE_WIDTH, 0))
+        height = max(height, 60 + 26 * (len(widgets) + max(len(inputs), len(names))))
+        column_y[d] = y + height + TITLE_HEIGHT + GAP
         ui_nodes[nid] = {
-            "id": int(nid), "type": node["class_type"], "pos": [40 + 360 * d, y], "size": [320, height], "flags": {},
+            "id": int(nid), "type": node["class_type"], "pos": [d, y], "size": [width, height], "flags": {},
             "order": idx, "mode": 0, "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
     for link_id, src, slot, *_ in links:
         ui_nodes[str(src)]["outputs"][slot]["links"].append(link_id)
+    columns = sorted({n["pos"][0] for n in ui_nodes.values()})
+    x, column_x = LEFT, {}
+    for d in columns:  # each column as wide as its widest node
+        column_x[d] = x
+        x += max(n["size"][0] for n in ui_nodes.values() if n["pos"][0] == d) + GAP
+    for n in ui_nodes.values():
+        n["pos"][0] = column_x[n["pos"][0]]
+    right = max(n["pos"][0] + n["size"][0] for n in ui_nodes.values()) + LEFT
+    bottom = max(n["pos"][1] + n["size"][1] for n in ui_nodes.values()) + LEFT
+    scale = round(min(MAX_SCALE, VIEW[0] / right, VIEW[1] / bottom), 3)  # the whole graph in the default view
     return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links),
             "nodes": [ui_nodes[n] for n in order], "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
 
 
 def main(argv=None) -> None:
