@@ -250,7 +250,7 @@ class PersonalizeE4TTune:
                    "rate and batch of copies. The light mode trains offsets + LoRA + head instead (much less memory; not "
                    "the reference). Outputs the tuned model and encoder (connect both to E4T Apply), and saves the tuned "
                    "UNet as a LoRA (stock 'diff' keys: LoraLoaderModelOnly) in models/loras, the tuned encoder as "
-                   "models/e4t/<save_name>/ and a resumable state in output/personalize_train.")
+                   "models/e4t/{save_name}/ and a resumable state in output/personalize_train.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", E4T, "STRING", "IMAGE")
     RETURN_NAMES = ("model", "e4t", "lora_name", "loss_curve")

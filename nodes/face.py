@@ -75,7 +75,7 @@ IN_CROP_SIZE = ("INT", {"default": 224, "min": 16, "max": 1024, "step": 1, "tool
 
 
 class PersonalizeFaceAnalysisLoader:
-    DESCRIPTION = ("Loads an insightface model pack (antelopev2, buffalo_l) from models/insightface/models/<name>/ "
+    DESCRIPTION = ("Loads an insightface model pack (antelopev2, buffalo_l) from models/insightface/models/{name}/ "
                    "and runs it on onnxruntime: SCRFD detector and ArcFace recognizer only (no insightface, opencv "
                    "or compiler needed; the landmark / gender-age models are not loaded). Needs onnxruntime "
                    "(or onnxruntime-gpu); nothing is downloaded.")

@@ -48,7 +48,7 @@ class PersonalizeLoRATrainer:
                    "(DreamBooth-LoRA), optionally with a new token embedding [V] (textual inversion), with the SuDe term "
                    "(the subject inherits its class's attributes) and the PALP term (stays aligned with target "
                    "prompts). Saves the LoRA to models/loras (loads with the stock LoRA loaders), the token to "
-                   "models/embeddings (use it in prompts as embedding:<save_name>) and a resumable state to "
+                   "models/embeddings (use it in prompts as embedding:{save_name}) and a resumable state to "
                    "output/personalize_train; Cancel leaves all of them usable.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "IMAGE", "CLIP", "STRING")
@@ -59,7 +59,7 @@ class PersonalizeLoRATrainer:
                        "Validation samples (validation prompt, fixed seed) every 'validate_every' steps and at the end.",
                        "The input CLIP, passed through: encode prompts with it so that they run after training (the "
                        "trained embedding file exists then).",
-                       "How prompts name the subject: the subject token, or embedding:<save_name> when the token is "
+                       "How prompts name the subject: the subject token, or embedding:{save_name} when the token is "
                        "trained.")
     FUNCTION = "train"
 
@@ -88,7 +88,7 @@ class PersonalizeLoRATrainer:
                 "save_name": ("STRING", {"default": "personalize_lora", "tooltip": "File name (no extension) in "
                                                                                   "models/loras."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the run saved under save_name "
-                                                                   "(output/personalize_train/<save_name>.state.safetensors)."}),
+                                                                   "(output/personalize_train/{save_name}.state.safetensors)."}),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Subject images (1-4 are typical)."}),
@@ -117,8 +117,8 @@ class PersonalizeLoRATrainer:
                                                                                                 "state every N steps."}),
                 "train_token": ("BOOLEAN", {"default": False, "tooltip": "Also train a new token embedding [V] "
                                             "(textual inversion; PALP trains LoRA + token), started from the class "
-                                            "word's embedding and saved as models/embeddings/<save_name>.safetensors. "
-                                            "Prompts then name the subject as embedding:<save_name> (output 'subject')."}),
+                                            "word's embedding and saved as models/embeddings/{save_name}.safetensors. "
+                                            "Prompts then name the subject as embedding:{save_name} (output 'subject')."}),
                 "token_learning_rate": ("FLOAT", {"default": TOKEN_LEARNING_RATE, "min": 1e-7, "max": 1.0,
                                                   **LEARNING_RATE_STEP, "tooltip": "AdamW learning rate of the token."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace files named save_name in models/loras "

@@ -114,6 +114,31 @@ def test_node_conventions(pack):
         assert name in folder_paths.folder_names_and_paths
 
 
+
+def _node_texts(cls):
+    yield "DESCRIPTION", cls.DESCRIPTION
+    for i, t in enumerate(getattr(cls, "OUTPUT_TOOLTIPS", ())):
+        yield f"output {i}", t
+    for group in cls.INPUT_TYPES().values():
+        for name, spec in group.items():
+            yield name, spec[1].get("tooltip", "")
+
+
+def test_node_texts_render_in_markdown_and_name_nodes_that_exist(pack):
+    """The frontend renders descriptions as Markdown (a <name> placeholder would vanish as an unknown HTML tag), and
+    every node a text names in quotes exists (the pack's or ComfyUI's own, by display name)."""
+    import re
+
+    import nodes
+    names = set(nodes.NODE_DISPLAY_NAME_MAPPINGS.values()) | set(nodes.NODE_CLASS_MAPPINGS)
+    names |= {n.removesuffix(" (Personalize)") for n in names}
+    for node_id, cls in pack.maps.items():
+        for where, text in _node_texts(cls):
+            tag = re.search(r"<[A-Za-z_/][^>]*>", text)
+            assert tag is None, f"{node_id} {where}: {tag.group()} vanishes in Markdown; write {{name}} instead"
+            for quoted in re.findall(r"'([A-Z][^']+)'", text):
+                assert quoted in names, f"{node_id} {where} names a node '{quoted}' that does not exist"
+
 def test_register_keeps_extra_model_paths(pack, tmp_path):
     import folder_paths
     folder_paths.add_model_folder_path("pulid", str(tmp_path))
