@@ -26,7 +26,7 @@ POSITIVE = "best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
-def _sampling(graph: dict, model_ref: list, ckpt_id: str, prompt: str, size: int, prefix: str, seed: int = 42,
+def _sampling(graph: dict, model_ref: list, ckpt_id: str, prompt: str | list, size: int, prefix: str, seed: int = 42,
               clip_ref: list | None = None) -> None:
     clip_ref = clip_ref or [ckpt_id, 1]
     graph.update({
@@ -90,6 +90,9 @@ def two_references_masked_sd15() -> dict:
         "11": _apply(["10", 0], ["2", 0], ["5", 0], ["3", 0], weight=0.7, mask=["9", 0]),
     }
     _sampling(g, ["11", 0], "1", "two people side by side, " + POSITIVE, 512, "personalize/ipadapter_two_refs")
+    _title(g, {"4": "Reference for the LEFT half", "5": "Reference for the RIGHT half", "6": "Canvas (black)",
+               "7": "Left half block (white)", "8": "Mask: left half", "9": "Mask: right half",
+               "10": "IP-Adapter: left reference -> left half", "11": "IP-Adapter: right reference -> right half"})
     return g
 
 
@@ -112,9 +115,20 @@ def train_lora_sd15() -> dict:
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
     }
-    _sampling(g, ["5", 0], "1", "a sketch of embedding:personalize_sks_dog dog, " + POSITIVE, 512,
-              "personalize/train_lora_sd15", clip_ref=["5", 4])
+    # the sampling prompt names the subject through the trainer's own 'subject' output (embedding:<save_name> when the
+    # token is trained): renaming save_name just works
+    g["30"] = {"class_type": "StringReplace", "_meta": {"title": "Prompt naming the trained subject"},
+               "inputs": {"string": "a sketch of {subject} dog, " + POSITIVE, "find": "{subject}", "replace": ["5", 5]}}
+    _sampling(g, ["5", 0], "1", ["30", 0], 512, "personalize/train_lora_sd15", clip_ref=["5", 4])
+    _title(g, {"5": "Train the subject's LoRA + token (SuDe + PALP)", "6": "Loss curve", "7": "Validation samples",
+               "4": "Subject image"})
     return g
+
+
+def _title(graph: dict, titles: dict) -> None:
+    """Titles that say what each node is for (the frontend shows them; the API form keeps them in _meta)."""
+    for nid, title in titles.items():
+        graph[nid]["_meta"] = {"title": title}
 
 
 def faceid_plus_v2_sd15() -> dict:
@@ -190,6 +204,10 @@ def pulid_two_identities_sdxl() -> dict:
     g.update({"5": _pulid_encode(["4", 0]), "9": _pulid_encode(["8", 0]),
               "6": _pulid_apply(["1", 0], ["5", 0], mask=["12", 0]), "14": _pulid_apply(["6", 0], ["9", 0], mask=["13", 0])})
     _sampling(g, ["14", 0], "1", "two people side by side in a park, " + POSITIVE, 1024, "personalize/pulid_two_ids")
+    _title(g, {"4": "Face for the LEFT half", "8": "Face for the RIGHT half", "10": "Canvas (black)",
+               "11": "Left half block (white)", "12": "Mask: left half", "13": "Mask: right half",
+               "5": "PuLID Encode: left face", "9": "PuLID Encode: right face", "6": "PuLID: left face -> left half",
+               "14": "PuLID: right face -> right half"})
     return g
 
 
@@ -256,8 +274,9 @@ WORKFLOWS = {
 # show its picture when it loads, and the preview nodes get a size at which their pictures can be read.
 NODE_WIDTH, LEFT, TOP, GAP, TITLE_HEIGHT = 320, 40, 60, 50, 30
 NODE_SIZES = {"LoadImage": (320, 360), "PreviewImage": (420, 440), "SaveImage": (420, 440)}
-# The default view shows the whole graph on a 1600 x 1000 window (the canvas under the frontend's bars), at most 0.8.
-VIEW, MAX_SCALE = (1560, 900), 0.8
+MAX_COLUMN_HEIGHT = 1100
+# The default view shows the whole graph on a 1600 x 1000 window (its canvas: 1536 x 922 beside the side bar), at most 0.8.
+VIEW, MAX_SCALE = (1480, 860), 0.8
 
 
 def api_to_ui(api: dict) -> dict:
@@ -283,7 +302,12 @@ def api_to_ui(api: dict) -> dict:
         widgets, inputs = [], []
         for name, typ, opts, _optional in specs:
             value = node["inputs"].get(name)
-            if comfy_host._is_widget(typ, opts):
+            if comfy_host._is_widget(typ, opts) and isinstance(value, list):  # a widget fed by a link
+                widgets.append(opts.get("default", ""))
+                link_id = len(links) + 1
+                links.append([link_id, int(value[0]), value[1], int(nid), len(inputs), typ])
+                inputs.append({"name": name, "type": typ, "widget": {"name": name}, "link": link_id})
+            elif comfy_host._is_widget(typ, opts):
                 widgets.append(value if value is not None else opts.get("default"))
                 if comfy_host._has_control_widget(name, typ, opts):
                     widgets.append("fixed")
@@ -295,17 +319,22 @@ def api_to_ui(api: dict) -> dict:
                     link_id = len(links) + 1
                     links.append([link_id, int(value[0]), value[1], int(nid), len(inputs) - 1, typ])
                     inputs[-1]["link"] = link_id
-        d = node_depth(nid)
-        y = column_y.get(d, TOP)
         width, height = NODE_SIZES.get(node["class_type"], (NODE_WIDTH, 0))
         height = max(height, 60 + 26 * (len(widgets) + max(len(inputs), len(names))))
-        column_y[d] = y + height + TITLE_HEIGHT + GAP
+        column = (node_depth(nid), 0)
+        y = column_y.get(column, TOP)
+        while y > TOP and y + height > MAX_COLUMN_HEIGHT:  # a tall column continues beside itself
+            column = (column[0], column[1] + 1)
+            y = column_y.get(column, TOP)
+        column_y[column] = y + height + TITLE_HEIGHT + GAP
         ui_nodes[nid] = {
-            "id": int(nid), "type": node["class_type"], "pos": [d, y], "size": [width, height], "flags": {},
+            "id": int(nid), "type": node["class_type"], "pos": [column, y], "size": [width, height], "flags": {},
             "order": idx, "mode": 0, "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
+        if node.get("_meta", {}).get("title"):
+            ui_nodes[nid]["title"] = node["_meta"]["title"]
     for link_id, src, slot, *_ in links:
         ui_nodes[str(src)]["outputs"][slot]["links"].append(link_id)
     columns = sorted({n["pos"][0] for n in ui_nodes.values()})

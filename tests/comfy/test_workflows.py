@@ -64,3 +64,18 @@ def test_ipadapter_changes_the_image_and_is_deterministic(runner, tmp_path):
     path.write_text(json.dumps(api))
     c = run(runner, tmp_path, path, "c")
     assert np.abs(a - c).max() > 0
+
+
+def test_training_example_names_the_subject_through_the_trainer_output(comfy, runner):
+    """The sampling prompt takes the trainer's 'subject' output (embedding:<save_name> with a trained token), so a
+    renamed save_name reaches the prompt; no prompt hard-codes an embedding name."""
+    api = load("train_lora_sd15_sude_palp", api=True)
+    trainer = next(nid for nid, n in api.items() if n["class_type"] == "PersonalizeLoRATrainer")
+    cls = comfy.load_pack()["PersonalizeLoRATrainer"]
+    subject_slot = list(cls.RETURN_NAMES).index("subject")
+    encoders = [n for n in api.values() if n["class_type"] == "CLIPTextEncode"]
+    assert not any("embedding:" in str(n["inputs"]["text"]) for n in encoders)
+    positive = api[api[next(n for n, v in api.items() if v["class_type"] == "KSampler")]["inputs"]["positive"][0]]
+    source = api[positive["inputs"]["text"][0]]
+    assert source["class_type"] == "StringReplace" and source["inputs"]["replace"] == [trainer, subject_slot]
+    assert source["inputs"]["find"] in source["inputs"]["string"]
