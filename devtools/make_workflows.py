@@ -270,13 +270,65 @@ WORKFLOWS = {
 }
 
 
+# Public sources of the model files the examples name (the repositories and releases README.md lists), for the
+# frontend's missing-models dialog (a loader node's properties.models: name, url, directory).
+_HF = "https://huggingface.co/"
+MODEL_SOURCES = {
+    SD15_CKPT: _HF + "Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    SDXL_CKPT: _HF + "stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    VIT_H: _HF + "h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
+    "ip-adapter_sd15.safetensors": _HF + "h94/IP-Adapter/resolve/main/models/ip-adapter_sd15.safetensors",
+    "ip-adapter-plus_sd15.safetensors": _HF + "h94/IP-Adapter/resolve/main/models/ip-adapter-plus_sd15.safetensors",
+    "ip-adapter-plus_sdxl_vit-h.safetensors":
+        _HF + "h94/IP-Adapter/resolve/main/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+    "ip-adapter-faceid-plusv2_sd15.bin": _HF + "h94/IP-Adapter-FaceID/resolve/main/ip-adapter-faceid-plusv2_sd15.bin",
+    "ip-adapter-faceid-plusv2_sd15_lora.safetensors":
+        _HF + "h94/IP-Adapter-FaceID/resolve/main/ip-adapter-faceid-plusv2_sd15_lora.safetensors",
+    "pulid_v1.1.safetensors": _HF + "guozinan/PuLID/resolve/main/pulid_v1.1.safetensors",
+    "EVA02_CLIP_L_336_psz14_s6B.pt": _HF + "QuanSun/EVA-CLIP/resolve/main/EVA02_CLIP_L_336_psz14_s6B.pt",
+    "parsing_bisenet.pth": "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth",
+}
+# Model folders (a pack of files, not one file): where to get them, for the note each workflow carries.
+FOLDER_SOURCES = {
+    "antelopev2": "insightface's antelopev2 pack (unzipped: the .onnx files directly in the folder)",
+    "buffalo_l": "insightface's buffalo_l pack (unzipped: the .onnx files directly in the folder)",
+    "e4t-diffusion-ffhq-celebahq-v1": "config.json, encoder.pt, weight_offsets.pt of mshing/e4t-diffusion-ffhq-celebahq-v1 "
+                                      "on Hugging Face",
+}
+NOTE_WIDTH = 420  # the note stands under the result, in the last column
+
+
+def models_note(api: dict) -> str:
+    """The text of the note node listing every model file and folder the workflow needs and where it goes."""
+    import run_workflow
+
+    lines = ["Model files this workflow needs (ComfyUI/models/...):"]
+    for _, _, folder, value in run_workflow.model_refs(api):
+        where = f"{folder}/models/{value}/" if folder == "insightface" else f"{folder}/{value}" + (
+            "/" if folder == "e4t" else "")
+        source = MODEL_SOURCES.get(value) or FOLDER_SOURCES.get(value, "")
+        line = f"- {where}" + (f"\n  {source}" if source else "")
+        if line not in lines:
+            lines.append(line)
+    images = sorted({n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"})
+    lines.append("Input pictures (ComfyUI/input): " + ", ".join(images) + " (any picture of yours)")
+    return "\n".join(lines)
+
+
 # Layout of the UI form (canvas units). The frontend draws a node's title above its position; Load Image grows to
 # show its picture when it loads, and the preview nodes get a size at which their pictures can be read.
 NODE_WIDTH, LEFT, TOP, GAP, TITLE_HEIGHT = 320, 40, 60, 50, 30
 NODE_SIZES = {"LoadImage": (320, 360), "PreviewImage": (420, 440), "SaveImage": (420, 440)}
 MAX_COLUMN_HEIGHT = 1100
 # The default view shows the whole graph on a 1600 x 1000 window (its canvas: 1536 x 922 beside the side bar), at most 0.8.
-VIEW, MAX_SCALE = (1480, 860), 0.8
+# Below MIN_SCALE the frontend draws nodes without their text (its low-quality zoom threshold, about 0.6 in 1.27).
+VIEW, MAX_SCALE, MIN_SCALE = (1480, 860), 0.8, 0.6
+
+
+def import_folder(class_type: str, name: str) -> str:
+    import run_workflow
+
+    return run_workflow.MODEL_INPUTS.get((class_type, name)) or run_workflow.MODEL_INPUTS[("*", name)]
 
 
 def api_to_ui(api: dict) -> dict:
@@ -335,21 +387,39 @@ def api_to_ui(api: dict) -> dict:
         }
         if node.get("_meta", {}).get("title"):
             ui_nodes[nid]["title"] = node["_meta"]["title"]
+        sources = [(name, value, import_folder(node["class_type"], name)) for name, value in node["inputs"].items()
+                   if isinstance(value, str) and value in MODEL_SOURCES]
+        if sources:
+            ui_nodes[nid]["properties"]["models"] = [{"name": value, "url": MODEL_SOURCES[value], "directory": folder}
+                                                     for _, value, folder in sources]
     for link_id, src, slot, *_ in links:
         ui_nodes[str(src)]["outputs"][slot]["links"].append(link_id)
+    note_text = models_note(api)
+    note_height = 60 + 17 * sum(1 + len(line) // 52 for line in note_text.splitlines())
     columns = sorted({n["pos"][0] for n in ui_nodes.values()})
     x, column_x = LEFT, {}
     for d in columns:  # each column as wide as its widest node
         column_x[d] = x
         x += max(n["size"][0] for n in ui_nodes.values() if n["pos"][0] == d) + GAP
+    last = columns[-1]
+    note_y = max(n["pos"][1] + n["size"][1] for n in ui_nodes.values() if n["pos"][0] == last) + TITLE_HEIGHT + GAP
     for n in ui_nodes.values():
         n["pos"][0] = column_x[n["pos"][0]]
+    note_id = max(int(n) for n in api) + 1
+    ui_nodes[str(note_id)] = {"id": note_id, "type": "Note", "title": "Models and files", "pos": [column_x[last], note_y],
+                              "size": [NOTE_WIDTH, note_height], "flags": {}, "order": len(order), "mode": 0,
+                              "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note_text],
+                              "color": "#432", "bgcolor": "#653"}
+    order = order + [str(note_id)]
     right = max(n["pos"][0] + n["size"][0] for n in ui_nodes.values()) + LEFT
     bottom = max(n["pos"][1] + n["size"][1] for n in ui_nodes.values()) + LEFT
-    scale = round(min(MAX_SCALE, VIEW[0] / right, VIEW[1] / bottom), 3)  # the whole graph in the default view
-    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links),
+    # the whole graph in the default view, unless it would be drawn too small to read: then the right part (the
+    # sampler and the result) at the smallest readable scale
+    scale = round(max(MIN_SCALE, min(MAX_SCALE, VIEW[0] / right, VIEW[1] / bottom)), 3)
+    offset = [0, 0] if right * scale <= VIEW[0] else [round(VIEW[0] / scale - right, 1), 0]
+    return {"last_node_id": note_id, "last_link_id": len(links),
             "nodes": [ui_nodes[n] for n in order], "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
+            "extra": {"ds": {"scale": scale, "offset": offset}}, "version": 0.4}
 
 
 def main(argv=None) -> None:

@@ -79,3 +79,23 @@ def test_training_example_names_the_subject_through_the_trainer_output(comfy, ru
     source = api[positive["inputs"]["text"][0]]
     assert source["class_type"] == "StringReplace" and source["inputs"]["replace"] == [trainer, subject_slot]
     assert source["inputs"]["find"] in source["inputs"]["string"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_says_which_files_it_needs_and_where_to_get_them(comfy, runner, name):
+    """A note lists every model file / folder the graph names; each loader of a file with a known public source
+    carries it for the frontend's missing-models dialog (properties.models: name, url, directory)."""
+    import make_workflows
+
+    ui, api = load(name), load(name, api=True)
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    by_id = {str(n["id"]): n for n in ui["nodes"]}
+    for node_id, _, folder, value in runner.model_refs(api):
+        assert f"{folder}/" in text and value in text, f"the note does not list {folder}/{value}"
+        url = make_workflows.MODEL_SOURCES.get(value)
+        if url is not None:
+            assert url.startswith(("https://huggingface.co/", "https://github.com/")) and url in text
+            entry = {"name": value, "url": url, "directory": folder}
+            assert entry in by_id[node_id]["properties"].get("models", []), f"node {node_id} has no download link"
