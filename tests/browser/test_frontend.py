@@ -28,6 +28,7 @@ VIEWPORT = {"width": 1600, "height": 1000}
 # Workflows that train (minutes even on tiny models at their real step counts): loaded and checked, not queued.
 TRAINING = {"train_lora_sd15_sude_palp", "e4t_tune_sd15"}
 QUEUE_TIMEOUT_S = 240
+PACK = "ComfyUI-Personalize"  # the pack's folder name in the server's custom_nodes (browser_host.PACK_LINK_NAME)
 
 
 def _skip_reason() -> str | None:
@@ -130,10 +131,10 @@ def test_layout_has_no_overlaps_and_the_result_in_view(page, name):
             output: !!n.constructor.nodeData?.output_node}));
         return {nodes, scale: ds.scale, offset: [...ds.offset], view: [el.clientWidth, el.clientHeight]};
     }""")
-    shots = os.environ.get("PERSONALIZE_SCREENSHOTS")  # docs/screenshots: the README's pictures
+    shots = os.environ.get("PERSONALIZE_SCREENSHOTS")  # =workflows: the template browser's thumbnails, the README's pictures
     if shots:
         os.makedirs(shots, exist_ok=True)
-        page.screenshot(path=os.path.join(shots, name + ".png"))
+        page.screenshot(path=os.path.join(shots, name + ".jpg"), type="jpeg", quality=70)
     nodes = geo["nodes"]
     for i, a in enumerate(nodes):
         for b in nodes[i + 1:]:
@@ -197,3 +198,15 @@ def test_inference_workflow_queued_from_the_frontend_completes(page, server, nam
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images, f"{name} produced no image"
     assert page.errors == [], page.errors
+
+
+def test_every_template_has_a_thumbnail(server):
+    """The frontend's template browser lists the pack's workflows/ and shows <name>.jpg beside each."""
+    import urllib.request
+
+    templates = server.get("/workflow_templates")
+    ours = sorted(templates.get(PACK, []))
+    assert ours == NAMES
+    for name in ours:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 10_000
