@@ -20,7 +20,7 @@ from ..training.lora import ATTENTION_TARGETS
 from ..training.trainer import losses_table
 from .comfy import denoiser as comfy_denoiser
 from .comfy import folders, text, unet, vision, weights, wrappers
-from .train import loss_curve_image
+from .train import loss_curve_image, report_stop
 
 log = logging.getLogger("personalize")
 check_stop = throw_exception_if_processing_interrupted
@@ -404,7 +404,8 @@ class PersonalizeE4TTune:
             training = run.TrainingRun(trainer, state_path, save_outputs, {"e4t": e4t.name, "mode": train_mode},
                                        checkpoint_every=checkpoint_every,
                                        progress=lambda step, _: pbar.update_absolute(step, steps), check_stop=check_stop,
-                                       overwrite=overwrite)
+                                       overwrite=overwrite,
+                                       on_stop=lambda step, err: report_stop(step, steps, err, [lora_path, out_folder, state_path]))
             try:
                 with comfy_denoiser.gradient_checkpointing(den.patcher, gradient_checkpointing):
                     training.run()

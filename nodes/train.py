@@ -18,7 +18,7 @@ from ..training.lora import ATTENTION_TARGETS, EXTRA_TARGETS
 from ..training.losses import PALP_ALPHA, PALP_BETA, SUDE_WEIGHT
 from ..training.trainer import INSTANCE_PROMPT, TrainConfig, Trainer, losses_table
 from .comfy import denoiser as comfy_denoiser
-from .comfy import folders, text, weights
+from .comfy import feedback, folders, text, weights
 
 log = logging.getLogger("personalize")
 check_stop = throw_exception_if_processing_interrupted  # ComfyUI's Cancel: raises once the user pressed it
@@ -198,12 +198,18 @@ class PersonalizeLoRATrainer:
 
             pbar = ProgressBar(steps)
             pbar.update_absolute(trainer.step, steps)
+
+            def show_sample(latent):  # the validation sample on the node as soon as it is made
+                pbar.update_absolute(trainer.step, steps, feedback.preview(comfy_denoiser.vae_images(model, vae, latent)))
+
             validation = run.Validation(trainer, config.fill(validation_prompt), validation_steps, VALIDATION_GUIDANCE, seed,
-                                        check_stop)
+                                        check_stop, progress=lambda i, n: pbar.update_absolute(i, n), on_sample=show_sample)
+            saved = [lora_path] + ([embedding_path] if trainer.token is not None else []) + [state_path]
             training = run.TrainingRun(trainer, state_path, save_outputs, meta, checkpoint_every=checkpoint_every,
                                        validate=validation, validate_every=validate_every,
                                        progress=lambda step, _: pbar.update_absolute(step, steps),
-                                       check_stop=check_stop, overwrite=overwrite)
+                                       check_stop=check_stop, overwrite=overwrite,
+                                       on_stop=lambda step, err: report_stop(step, steps, err, saved))
             with comfy_denoiser.gradient_checkpointing(denoiser.patcher, gradient_checkpointing):
                 training.run()
             validation()
@@ -214,6 +220,15 @@ class PersonalizeLoRATrainer:
                        else torch.zeros(1, *pixels.shape[1:3], 3))
         log.info("trained %s: %d steps, last losses %s", lora_path, trainer.step, trainer.history[-1] if trainer.history else {})
         return (weights.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
+
+
+def report_stop(step: int, steps: int, err: BaseException, saved: list[str]) -> None:
+    """After Cancel or an error: say (log and node) which files hold the run as far as it got."""
+    why = "cancelled" if type(err).__name__ == "InterruptProcessingException" else f"stopped by an error ({err})"
+    names = ", ".join(saved)
+    log.warning("training %s at step %d of %d; saved %s (resume: turn resume on with the same save_name)", why, step,
+                steps, names)
+    feedback.node_text(f"{why} at step {step}/{steps}: saved {names}; resume with the same save_name")
 
 
 def _subject_images(images, folder: str) -> torch.Tensor:

@@ -153,9 +153,10 @@ class Validation:
     samples show the run's progress); ``samples`` collects the latents."""
 
     def __init__(self, trainer: Trainer, prompt: str, steps: int, guidance: float, seed: int,
-                 check_stop: Callable[[], None] | None = None):
+                 check_stop: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None,
+                 on_sample: Callable[[torch.Tensor], None] | None = None):
         self.trainer, self.prompt, self.steps, self.guidance = trainer, prompt, int(steps), float(guidance)
-        self.check_stop = check_stop
+        self.check_stop, self.progress, self.on_sample = check_stop, progress, on_sample
         g = torch.Generator().manual_seed(int(seed))
         self.noise = torch.randn(1, *trainer.latents.shape[1:], generator=g).to(trainer.device)
         self.samples: list[torch.Tensor] = []
@@ -167,7 +168,9 @@ class Validation:
         with torch.no_grad():
             ctx = tr.context([self.prompt]), tr.context([""])
             self.samples.append(ddim_sample(tr.denoiser, tr.schedule, self.noise, *ctx, self.steps, self.guidance,
-                                            check_stop=self.check_stop))
+                                            check_stop=self.check_stop, progress=self.progress))
+        if self.on_sample is not None:  # e.g. a live preview on the node
+            self.on_sample(self.samples[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,17 +185,18 @@ class TrainingRun:
     the loop ends, :meth:`save` runs: the host's outputs (``save_outputs(metadata)``: LoRA, token) and the resumable
     state at ``state_path`` (``overwrite``: a file there that the pack did not write may be replaced). A step whose
     loss or gradient is not finite raises before the update (:meth:`Trainer.train_step`), so what is saved then is
-    the last good state."""
+    the last good state. When the loop ended early (Cancel, an error), ``on_stop(step, error)`` runs after the save
+    (the host says what was saved)."""
 
     def __init__(self, trainer: Trainer, state_path: str, save_outputs: Callable[[Mapping[str, str]], None],
                  metadata: Mapping[str, str] | None = None, checkpoint_every: int = 0,
                  validate: Callable[[], None] | None = None, validate_every: int = 0,
                  progress: Callable[[int, Mapping[str, float]], None] | None = None, check_stop: Callable[[], None] | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, on_stop: Callable[[int, BaseException], None] | None = None):
         self.trainer, self.state_path, self.save_outputs = trainer, state_path, save_outputs
         self.metadata = dict(metadata or {})
         self.checkpoint_every, self.validate, self.validate_every = int(checkpoint_every), validate, int(validate_every)
-        self.progress, self.check_stop, self.overwrite = progress, check_stop, overwrite
+        self.progress, self.check_stop, self.overwrite, self.on_stop = progress, check_stop, overwrite, on_stop
 
     def save(self) -> None:
         self.save_outputs({**self.metadata, "steps": str(self.trainer.step)})
@@ -210,7 +214,13 @@ class TrainingRun:
             self.check_stop()
 
     def run(self) -> None:
+        stopped = None
         try:
             self.trainer.train(callback=self.on_step)
+        except BaseException as err:
+            stopped = err
+            raise
         finally:  # also on Cancel or an error: the outputs so far and a state to resume from
             self.save()
+            if stopped is not None and self.on_stop is not None:
+                self.on_stop(self.trainer.step, stopped)

@@ -20,10 +20,11 @@ PRIOR_GUIDANCE = 10.0
 @torch.no_grad()
 def ddim_sample(denoiser: Callable, schedule: NoiseSchedule, noise: torch.Tensor, cond: conditioning.Conditioning,
                 uncond: conditioning.Conditioning, steps: int = PRIOR_SAMPLING_STEPS, guidance: float = PRIOR_GUIDANCE,
-                check_stop: Callable[[], None] | None = None) -> torch.Tensor:
+                check_stop: Callable[[], None] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """x0 from ``noise`` ``(B, C, H, W)``; ``cond`` / ``uncond`` conditionings of batch B or 1 (a context
     ``(B, L, D)`` or a tuple, :mod:`.conditioning`). One batched forward (uncond + cond) per step; ``check_stop()``
-    before each (it raises to stop, e.g. ComfyUI's Cancel)."""
+    before each (it raises to stop, e.g. ComfyUI's Cancel), ``progress(done, total)`` after each."""
     T = schedule.timesteps
     ts = torch.linspace(T - 1, 0, max(int(steps), 1)).round().long().unique_consecutive()
     b = noise.shape[0]
@@ -44,4 +45,6 @@ def ddim_sample(denoiser: Callable, schedule: NoiseSchedule, noise: torch.Tensor
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         else:
             x = x0
+        if progress is not None:
+            progress(i + 1, len(ts))
     return x

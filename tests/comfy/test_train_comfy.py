@@ -168,8 +168,9 @@ def test_resume_continues_and_matches(env, comfy, one_thread):
     assert not different, different[:5]
 
 
-def test_interrupt_leaves_lora_and_state(env, comfy):
-    """ComfyUI's own Cancel (the interrupt flag the executor's Cancel sets), raised at step 2 of 10."""
+def test_interrupt_leaves_lora_and_state(env, comfy, caplog):
+    """ComfyUI's own Cancel (the interrupt flag the executor's Cancel sets), raised at step 2 of 10; the log says
+    which files hold the run."""
     import comfy.model_management as mm
     import comfy.utils as comfy_utils
     import folder_paths
@@ -181,7 +182,7 @@ def test_interrupt_leaves_lora_and_state(env, comfy):
     before = comfy_utils.PROGRESS_BAR_HOOK
     comfy_utils.set_progress_bar_global_hook(cancel_at_two)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with pytest.raises(mm.InterruptProcessingException), caplog.at_level("WARNING", logger="personalize"):
             train(env, "t2_cancel", steps=10, sude_weight=0.0, palp_weight=0.0)
     finally:
         comfy_utils.set_progress_bar_global_hook(before)
@@ -191,6 +192,8 @@ def test_interrupt_leaves_lora_and_state(env, comfy):
     assert os.path.isfile(state)
     export = comfy.module("training.export")
     assert export.load_state(state)[1]["step"] == 2  # stopped where Cancel was pressed
+    said = [r.getMessage() for r in caplog.records if "cancelled at step 2 of 10" in r.getMessage()]
+    assert len(said) == 1 and state in said[0] and folder_paths.get_full_path("loras", "t2_cancel.safetensors") in said[0]
     train(env, "t2_cancel", steps=3, resume=True, sude_weight=0.0, palp_weight=0.0)  # continues from step 2
     assert export.load_state(state)[1]["step"] == 3
 
@@ -370,3 +373,23 @@ def test_sdxl_lora_and_token(env, sdxl, comfy):
             outs.append(m.model.apply_model(x, torch.tensor([3.0]), c_crossattn=cond, y=y).float())
     assert (outs[0] - outs[2]).abs().max() > 1e-4, "the LoRA must change the model"
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_validation_shows_live_previews_and_moves_the_progress_bar(env, comfy):
+    """Each validation sample reaches the node as a preview picture while training runs, and the progress bar counts
+    the validation's sampling steps (it does not stand still)."""
+    import comfy.utils as comfy_utils
+    from PIL import Image
+
+    calls = []
+    before = comfy_utils.PROGRESS_BAR_HOOK
+    comfy_utils.set_progress_bar_global_hook(lambda value, total, preview=None, **kw: calls.append((value, total, preview)))
+    try:
+        train(env, "t2_previews", steps=2, sude_weight=0.0, palp_weight=0.0, validate_every=1, validation_steps=3)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(before)
+    previews = [p for _, _, p in calls if p is not None]
+    assert len(previews) == 2  # after step 1 (mid-run) and at the end
+    assert all(fmt == "JPEG" and isinstance(img, Image.Image) and img.size[0] >= 8 for fmt, img, _ in previews)
+    during = [(v, t) for v, t, p in calls if t == 3 and p is None]
+    assert during == [(1, 3), (2, 3), (3, 3)] * 2, calls
