@@ -58,12 +58,16 @@ def server(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "devtools", "browser_host.py"), "--comfyui", comfyui,
                     "--cache-dir", str(tmp_path_factory.mktemp("tiny_cache")), "--prepare-only", base],
                    check=True, env=dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(base, "pycache")))
+    started = time.time()
     srv = browser_host.Server(comfyui, base).start()
     try:
         yield srv
     finally:
         srv.stop()
         shutil.rmtree(os.path.join(base, "pycache"), ignore_errors=True)
+    written = [os.path.join(d, f) for d, dirs, files in os.walk(comfyui) for f in files
+               if os.lstat(os.path.join(d, f)).st_mtime >= started]
+    assert not written, f"the server wrote into the ComfyUI tree {comfyui}: {written[:5]}"
 
 
 @pytest.fixture(scope="module")
