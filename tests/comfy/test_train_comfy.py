@@ -377,7 +377,8 @@ def test_sdxl_lora_and_token(env, sdxl, comfy):
 
 def test_validation_shows_live_previews_and_moves_the_progress_bar(env, comfy):
     """Each validation sample reaches the node as a preview picture while training runs, and the progress bar counts
-    the validation's sampling steps (it does not stand still)."""
+    the validation's sampling steps (it does not stand still). The files get the user's umask, as ComfyUI's own
+    outputs (mkstemp's 0600 would hide them from another process)."""
     import comfy.utils as comfy_utils
     from PIL import Image
 
@@ -388,6 +389,14 @@ def test_validation_shows_live_previews_and_moves_the_progress_bar(env, comfy):
         train(env, "t2_previews", steps=2, sude_weight=0.0, palp_weight=0.0, validate_every=1, validation_steps=3)
     finally:
         comfy_utils.set_progress_bar_global_hook(before)
+    import stat
+
+    import folder_paths
+    mask = os.umask(0)
+    os.umask(mask)
+    state = os.path.join(folder_paths.get_output_directory(), "personalize_train", "t2_previews.state.safetensors")
+    for path in (folder_paths.get_full_path("loras", "t2_previews.safetensors"), state):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, f"{path}: not the user's umask (as ComfyUI's outputs)"
     previews = [p for _, _, p in calls if p is not None]
     assert len(previews) == 2  # after step 1 (mid-run) and at the end
     assert all(fmt == "JPEG" and isinstance(img, Image.Image) and img.size[0] >= 8 for fmt, img, _ in previews)
