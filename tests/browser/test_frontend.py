@@ -123,7 +123,6 @@ def test_workflow_loads_unchanged_and_converts_to_its_api_form(page, name):
             assert prompt[nid]["_meta"]["title"] == node["_meta"]["title"]
 
 
-
 @pytest.mark.parametrize("name", NAMES)
 def test_layout_has_no_overlaps_and_the_result_in_view(page, name):
     load_in_frontend(page, load(name))
