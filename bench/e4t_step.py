@@ -78,26 +78,14 @@ TUNE_MODES = {"light": "light (offsets + LoRA + encoder; not the reference)",
 PER_STEP_PARTS = ("activations", "weight copies", "offset graph")
 
 
-def _fill_(module, std: float = 0.02) -> None:
-    """Random weights in place: matrices and embeddings N(0, std), norm scales 1, biases 0 (bench/ipadapter_step.py's)."""
-    import torch
-
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1 or "embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            else:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-
-
 def build_clip():
     """The SD1.5 text encoder (CLIP-L, ComfyUI's SD1ClipModel and tokenizer) with random weights."""
     import comfy.sd
     import comfy.supported_models
+    from ipadapter_step import fill_random_
 
     clip = comfy.sd.CLIP(comfy.supported_models.SD15({}).clip_target())
-    _fill_(clip.cond_stage_model)
+    fill_random_(clip.cond_stage_model, seed=3)
     return clip
 
 

@@ -31,6 +31,19 @@ SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] 
 VIT_H_EMBEDS, VIT_H_HIDDEN = 1024, 1280
 
 
+def fill_random_(module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place: matrices N(0, std), norm scales 1, biases 0."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+
+
 def build_model(device):
     import comfy.model_detection
     import comfy.model_patcher
@@ -39,13 +52,7 @@ def build_model(device):
     config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET))
     config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
     model = config.get_model({}, device=device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # weights N(0, 0.02), norm scales 1, biases 0
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            else:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    fill_random_(model)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 

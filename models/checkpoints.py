@@ -11,6 +11,8 @@ or removed; the file gets the user's umask (0644 under the usual 022), as ComfyU
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import tempfile
@@ -169,6 +171,24 @@ def current_umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _atomic_target(path: str):
+    """A hidden temp file beside ``path`` to write; on success it gets the user's umask (mkstemp makes 0600) and is
+    renamed over ``path``; on any error it is removed and ``path`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # after the write: safetensors rewrites the file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
                             overwrite: bool = False) -> str:
     """Write ``tensors`` to ``path``: finite check, ownership check, hidden temp file, umask, atomic rename (see the
@@ -177,19 +197,16 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
 
     check_finite(tensors, path)
     check_replaceable(path, overwrite)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
-    os.close(fd)
-    try:
+    with _atomic_target(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={**dict(metadata or {}), WRITER_KEY: WRITER})
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600 (safetensors rewrites the file: chmod after)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return path
+
+
+def atomic_write_json(data: Mapping, path: str) -> str:
+    """``data`` as JSON at ``path``, written to a temp file and renamed (as the tensor files)."""
+    with _atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dict(data), f, indent=2, default=str)
     return path
 
 

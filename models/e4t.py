@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, atomic_save_safetensors, check_weights, load_exact, load_file
+from .checkpoints import CheckpointError, atomic_save_safetensors, atomic_write_json, check_weights, load_exact, load_file
 
 # OpenAI CLIP normalization, which open_clip's ViT-H-14 (laion2b_s32b_b79k) uses and mkshing's encoder applies
 # (open_clip constants OPENAI_DATASET_MEAN / _STD).
@@ -453,27 +453,6 @@ def load_e4t(folder: str, clip_folder=None) -> E4TWeights:
         check_weights(wo, f"{os.path.basename(wo_path)}: ")
         offsets = OffsetSet.from_reference(wo, os.path.basename(wo_path))
     return E4TWeights(config, head, offsets, clip_sd, folder)
-
-
-def atomic_write_json(data: Mapping, path: str) -> str:
-    """``data`` as JSON at ``path``, written to a temp file and renamed (as the tensor files)."""
-    import tempfile
-
-    from .checkpoints import TEMP_PREFIX, TEMP_SUFFIX, current_umask
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(data), f, indent=2, default=str)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_e4t(folder: str, config: Mapping, head: E4THead, offsets: OffsetSet | None = None,

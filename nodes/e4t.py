@@ -128,7 +128,7 @@ def clip_inputs_of(e4t: E4TModel, pixels: torch.Tensor) -> torch.Tensor:
     return core.clip_inputs(last, pooled).cpu()
 
 
-def _prepare_head(e4t: E4TModel, model) -> None:
+def _prepare_head(e4t: E4TModel) -> None:
     weights.prepare_adapter(e4t.head_patcher, torch.float32)  # the head stays fp32 (a small part of the step's cost)
 
 
@@ -170,7 +170,7 @@ def apply_e4t(model, clip, e4t: E4TModel, pixels: torch.Tensor, prompt: str, mod
                              "at strength 1 before this node")
         patched = model.clone()
     empty, pooled_empty = text.plain_context(clip, "")
-    _prepare_head(e4t, model)
+    _prepare_head(e4t)
     static = static_embedding(patched, e4t, clip_in, class_embed, empty)
     weights.load_companions([clip.patcher])
     with torch.no_grad():

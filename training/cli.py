@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: import the pack under an alias
 
 import torch  # noqa: E402
 
+from ..models.checkpoints import atomic_write_json  # noqa: E402
 from . import export  # noqa: E402
 from .diffusers_host import ClipTextEncoder, DiffusersDenoiser, ldm_mapper, unet_lora  # noqa: E402
 from .run import TrainingRun, class_latents, fingerprint, image_files, load_images  # noqa: E402
@@ -58,17 +59,29 @@ RUN_DEFAULTS = {"resolution": 512, "checkpoint_every": 100, "resume": None, "pri
                 "prior_count": PRIOR_COUNT, "name": "personalize_lora", "output_dir": "."}
 
 
-def load_config(path: str) -> dict:
-    with open(path) as f:
-        text = f.read()
+def read_config(path: str):
+    """A run's settings from a JSON or YAML file; a file that cannot be read stops with the reason."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise SystemExit(f"cannot read the config {path}: {err}") from None
     if path.lower().endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError:
             raise SystemExit(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use JSON") from None
-        cfg = yaml.safe_load(text)
-    else:
-        cfg = json.loads(text)
+        return yaml.safe_load(text)
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise SystemExit(f"{path} is not valid JSON: {err}") from None
+
+
+def load_config(path: str) -> dict:
+    cfg = read_config(path)
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected a mapping of settings, got {type(cfg).__name__}")
     for key in ("model", "images"):
         if key not in cfg:
             raise SystemExit(f"{path}: '{key}' is required (see python training/cli.py --help)")
@@ -179,8 +192,7 @@ def main(argv=None) -> dict:
         export.save_lora(lora, base + ".safetensors", ldm_mapper(denoiser), metadata)
         if trainer.token is not None:
             export.save_embedding(trainer.token, base + ".embedding.safetensors")
-        with open(base + ".losses.json", "w") as f:
-            json.dump(losses_table(trainer.history), f)
+        atomic_write_json(losses_table(trainer.history), base + ".losses.json")
 
     def progress(step, losses):
         if main_process:

@@ -35,7 +35,6 @@ pack's E4T loader reads; ``<output_dir>/<name>.state.safetensors`` (resumable; w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -53,11 +52,12 @@ if __package__ in (None, ""):  # run as a script: import the pack under an alias
 import torch  # noqa: E402
 
 from ..models import e4t  # noqa: E402
+from ..models.checkpoints import atomic_write_json  # noqa: E402
 from . import e4t_diffusers as host  # noqa: E402
-from .cli import _accelerator  # noqa: E402
+from .cli import _accelerator, read_config  # noqa: E402
 from .diffusers_host import DiffusersDenoiser  # noqa: E402
 from .e4t import E4TTrainConfig, E4TTrainer  # noqa: E402
-from .run import IMAGE_EXTENSIONS, TrainingRun  # noqa: E402
+from .run import TrainingRun, image_files  # noqa: E402
 from .trainer import losses_table  # noqa: E402
 
 log = logging.getLogger("personalize")
@@ -79,24 +79,6 @@ RESIZE_FILTER, FLIP_P = e4t.RESIZE_FILTER, e4t.FLIP_P  # the reference's augment
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
-
-
-def read_config(path: str):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as err:
-        raise SystemExit(f"cannot read the config {path}: {err}") from None
-    if path.lower().endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise SystemExit(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use JSON") from None
-        return yaml.safe_load(text)
-    try:
-        return json.loads(text)
-    except ValueError as err:
-        raise SystemExit(f"{path} is not valid JSON: {err}") from None
 
 
 def load_run(path: str) -> dict:
@@ -181,16 +163,10 @@ def train_config(run: dict, s: dict, steps: int | None, path: str) -> E4TTrainCo
 
 def domain_files(spec) -> list[str]:
     """The images of a folder (sub-folders included, sorted, as the reference lists them) or of a list."""
-    if isinstance(spec, str) and os.path.isdir(spec):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-    else:
-        files = [spec] if isinstance(spec, str) else list(spec)
-    missing = [f for f in files if not os.path.isfile(f)]
-    if not files or missing:
-        raise SystemExit(f"no domain images found ({missing[:3] or spec}); give a folder of "
-                         f"{', '.join(IMAGE_EXTENSIONS)} images or a list of files")
-    return files
+    try:
+        return image_files(spec, recursive=True, what="domain")
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
 
 
 class DomainImages:
@@ -415,8 +391,7 @@ def main(argv=None) -> dict:
             "personalize_steps_done": trainer.step, "personalize_init": run["init"],
         }
         e4t.save_e4t(base, out_config, head, offsets, clip_sd)
-        with open(base + ".losses.json", "w") as f:
-            json.dump(losses_table(trainer.history), f)
+        atomic_write_json(losses_table(trainer.history), base + ".losses.json")
 
     def progress(step, losses):
         if main_process:

@@ -35,15 +35,20 @@ PRIOR_CHUNK = 4
 # Images
 
 
-def image_files(spec: str | Sequence[str]) -> list[str]:
-    """The image files of a folder (sorted, by extension) or of an explicit list; raises when there are none."""
+def image_files(spec: str | Sequence[str], recursive: bool = False, what: str = "subject") -> list[str]:
+    """The image files of a folder (sorted, by extension; ``recursive``: sub-folders too) or of an explicit list;
+    raises when there are none."""
     if isinstance(spec, str) and os.path.isdir(spec):
-        files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if recursive:
+            found = (os.path.join(d, f) for d, _, names in os.walk(spec) for f in names)
+        else:
+            found = (os.path.join(spec, f) for f in os.listdir(spec))
+        files = sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS))
     else:
         files = [spec] if isinstance(spec, str) else list(spec)
     missing = [f for f in files if not os.path.isfile(f)]
     if not files or missing:
-        raise FileNotFoundError(f"no subject images found ({missing or spec}); give a folder of "
+        raise FileNotFoundError(f"no {what} images found ({missing[:3] or spec}); give a folder of "
                                 f"{', '.join(IMAGE_EXTENSIONS)} images or a list of files")
     return files
 

@@ -30,6 +30,7 @@ class E4TConditioner:
         self.head_patcher, self.prompt = head_patcher, slot_prompt
         self.clip_inputs, self.class_embed, self.scale = clip_inputs, class_embed, float(scale)
         self.empty, self.marker = empty, marker
+        self.tolerance = 1e-3 * float(marker.abs().max()) + 1e-6  # relative to the marker's largest value
         self.calls = 0  # how many calls re-encoded rows (tests, logging)
 
     def rows(self, context: torch.Tensor, cond_or_uncond=None) -> list[int]:
@@ -38,13 +39,15 @@ class E4TConditioner:
         m = self.marker.to(context.device, context.dtype)
         if context.shape[1] < m.shape[1]:
             return []
-        candidates = range(context.shape[0])
+        candidates = list(range(context.shape[0]))
         if cond_or_uncond:
             per = context.shape[0] // len(cond_or_uncond)
             candidates = [i for i in candidates if cond_or_uncond[min(i // per, len(cond_or_uncond) - 1)] == 0]
-        head = context[:, : m.shape[1]]
-        tol = 1e-3 * float(m.abs().max()) + 1e-6
-        return [i for i in candidates if float((head[i] - m[0]).abs().max()) <= tol]
+        if not candidates:
+            return []
+        idx = torch.tensor(candidates, device=context.device)
+        diff = (context[idx, : m.shape[1]] - m).abs().amax(dim=(1, 2)).tolist()  # one transfer per call
+        return [i for i, d in zip(candidates, diff, strict=True) if d <= self.tolerance]
 
     @torch.no_grad()
     def encode_rows(self, diffusion_model, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
