@@ -199,8 +199,11 @@ class PersonalizeLoRATrainer:
             pbar = ProgressBar(steps)
             pbar.update_absolute(trainer.step, steps)
 
+            shown = []  # the decoded validation samples (the node's validation output)
+
             def show_sample(latent):  # the validation sample on the node as soon as it is made
-                pbar.update_absolute(trainer.step, steps, feedback.preview(comfy_denoiser.vae_images(model, vae, latent)))
+                shown.append(comfy_denoiser.vae_images(model, vae, latent))
+                pbar.update_absolute(trainer.step, steps, feedback.preview(shown[-1]))
 
             validation = run.Validation(trainer, config.fill(validation_prompt), validation_steps, VALIDATION_GUIDANCE, seed,
                                         check_stop, progress=lambda i, n: pbar.update_absolute(i, n), on_sample=show_sample)
@@ -216,15 +219,14 @@ class PersonalizeLoRATrainer:
             lora.requires_grad_(False)
             lora_state = export.lora_to_comfy(lora)
             curve = loss_curve_image(losses_table(trainer.history))
-            decoded = (comfy_denoiser.vae_images(model, vae, torch.cat(validation.samples)) if validation.samples
-                       else torch.zeros(1, *pixels.shape[1:3], 3))
+            decoded = torch.cat(shown) if shown else torch.zeros(1, *pixels.shape[1:3], 3)
         log.info("trained %s: %d steps, last losses %s", lora_path, trainer.step, trainer.history[-1] if trainer.history else {})
         return (weights.model_with_lora(model, lora_state), name + ".safetensors", curve, decoded, clip, subject)
 
 
 def report_stop(step: int, steps: int, err: BaseException, saved: list[str]) -> None:
     """After Cancel or an error: say (log and node) which files hold the run as far as it got."""
-    why = "cancelled" if type(err).__name__ == "InterruptProcessingException" else f"stopped by an error ({err})"
+    why = "cancelled" if feedback.is_cancel(err) else f"stopped by an error ({err})"
     names = ", ".join(saved)
     log.warning("training %s at step %d of %d; saved %s (resume: turn resume on with the same save_name)", why, step,
                 steps, names)

@@ -155,7 +155,8 @@ def class_latents(denoiser: Callable, lora, encode: Callable, prompt: str, count
 
 class Validation:
     """Samples of the model being trained on one prompt from fixed noise (the same noise at every call, so the
-    samples show the run's progress); ``samples`` collects the latents."""
+    samples show the run's progress); each sample's latent goes to ``on_sample`` (e.g. a live preview and the host's
+    collection) and is returned."""
 
     def __init__(self, trainer: Trainer, prompt: str, steps: int, guidance: float, seed: int,
                  check_stop: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None,
@@ -164,18 +165,18 @@ class Validation:
         self.check_stop, self.progress, self.on_sample = check_stop, progress, on_sample
         g = torch.Generator().manual_seed(int(seed))
         self.noise = torch.randn(1, *trainer.latents.shape[1:], generator=g).to(trainer.device)
-        self.samples: list[torch.Tensor] = []
 
-    def __call__(self) -> None:
+    def __call__(self) -> torch.Tensor | None:
         if not self.steps:
-            return
+            return None
         tr = self.trainer
         with torch.no_grad():
             ctx = tr.context([self.prompt]), tr.context([""])
-            self.samples.append(ddim_sample(tr.denoiser, tr.schedule, self.noise, *ctx, self.steps, self.guidance,
-                                            check_stop=self.check_stop, progress=self.progress))
-        if self.on_sample is not None:  # e.g. a live preview on the node
-            self.on_sample(self.samples[-1])
+            latent = ddim_sample(tr.denoiser, tr.schedule, self.noise, *ctx, self.steps, self.guidance,
+                                 check_stop=self.check_stop, progress=self.progress)
+        if self.on_sample is not None:
+            self.on_sample(latent)
+        return latent
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ def node_text(text: str) -> None:
         log.debug("could not send the node text: %s", err)
 
 
+def is_cancel(err: BaseException) -> bool:
+    """Whether ``err`` is ComfyUI's Cancel (the interrupt the executor raises), not a failure."""
+    import comfy.model_management as mm
+
+    return isinstance(err, mm.InterruptProcessingException)
+
+
 def preview(images: torch.Tensor) -> tuple:
     """The first image of an IMAGE batch ``(B, H, W, 3)`` in [0, 1] as the preview ``ProgressBar.update_absolute``
     sends (``(format, PIL image, max side)``, ComfyUI's latent-preview form)."""
