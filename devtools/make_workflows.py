@@ -257,6 +257,59 @@ def e4t_tune_sd15() -> dict:
     return g
 
 
+FLUX_CKPT = "flux1-dev-fp8.safetensors"  # Comfy-Org's all-in-one Flux.1-dev checkpoint (model, CLIP-L + T5-XXL, VAE)
+PULID_FLUX_FILE = "pulid_flux_v0.9.1.safetensors"
+XLABS_FILE = "flux-ip-adapter-v2.safetensors"  # XLabs-AI/flux-ip-adapter-v2's ip_adapter.safetensors, renamed
+CLIP_L = "clip_vision_l.safetensors"  # openai/clip-vit-large-patch14, the encoder XLabs trained with
+
+
+def _flux_sampling(graph: dict, model_ref: list, prompt: str, guidance: float, prefix: str, seed: int = 42) -> None:
+    """Flux.1-dev as ComfyUI's Flux examples sample it: the distilled guidance in the conditioning (FluxGuidance), cfg 1
+    (one conditional pass: PuLID-FLUX's official "fake CFG"), euler / simple, 20 steps, 1024 x 1024."""
+    graph.update({
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "26": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["20", 0], "guidance": guidance}},
+        "21": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["20", 0]}},
+        "22": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "23": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": seed, "steps": 20, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["26", 0],
+                                                   "negative": ["21", 0], "latent_image": ["22", 0], "denoise": 1.0}},
+        "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}},
+        "25": {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": prefix}},
+    })
+
+
+def pulid_flux() -> dict:
+    """One identity on Flux.1-dev with PuLID-FLUX v0.9.1: the official app's defaults (id weight 1, from step 0,
+    guidance 4, one conditional pass)."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": FLUX_CKPT}},
+         "4": {"class_type": "LoadImage", "inputs": {"image": FACE}}}
+    _pulid_loaders(g)
+    g["30"] = {"class_type": "PersonalizePuLIDLoader", "inputs": {"pulid_file": PULID_FLUX_FILE}}
+    g.update({"5": _pulid_encode(["4", 0]),
+              "6": {"class_type": "PersonalizePuLIDFluxApply", "inputs": {
+                  "model": ["1", 0], "pulid": ["30", 0], "embeds": ["5", 0], "weight": 1.0, "start_step": 0,
+                  "start_at": 0.0, "end_at": 1.0, "images": "first (official)"}},
+              "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}}})
+    _flux_sampling(g, ["6", 0], "portrait of a person as a knight, cinematic light", 4.0, "personalize/pulid_flux")
+    _title(g, {"6": "Apply PuLID-FLUX (official defaults)", "21": "Negative (unused at cfg 1)"})
+    return g
+
+
+def ipadapter_xlabs_flux() -> dict:
+    """An image prompt on Flux.1-dev with XLabs' IP-Adapter v2 (CLIP ViT-L/14)."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": FLUX_CKPT}},
+         "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": XLABS_FILE}},
+         "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_L}},
+         "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+         "5": {"class_type": "PersonalizeIPAdapterFluxApply", "inputs": {
+             "model": ["1", 0], "ipadapter": ["2", 0], "weight": 0.8, "start_at": 0.0, "end_at": 1.0,
+             "combine_embeds": "concat", "image": ["4", 0], "clip_vision": ["3", 0]}}}
+    _flux_sampling(g, ["5", 0], "a cat in the style of the reference picture", 3.5, "personalize/ipadapter_xlabs_flux")
+    _title(g, {"21": "Negative (unused at cfg 1)"})
+    return g
+
+
 WORKFLOWS = {
     "ipadapter_sd15_basic": basic_sd15,
     "ipadapter_sdxl_style_transfer": style_transfer_sdxl,
@@ -267,6 +320,8 @@ WORKFLOWS = {
     "pulid_sdxl_two_identities_masked": pulid_two_identities_sdxl,
     "pulid_sdxl_ipadapter_style": pulid_ipadapter_style_sdxl,
     "e4t_tune_sd15": e4t_tune_sd15,
+    "pulid_flux": pulid_flux,
+    "ipadapter_xlabs_flux": ipadapter_xlabs_flux,
 }
 
 
@@ -287,6 +342,10 @@ MODEL_SOURCES = {
     "pulid_v1.1.safetensors": _HF + "guozinan/PuLID/resolve/main/pulid_v1.1.safetensors",
     "EVA02_CLIP_L_336_psz14_s6B.pt": _HF + "QuanSun/EVA-CLIP/resolve/main/EVA02_CLIP_L_336_psz14_s6B.pt",
     "parsing_bisenet.pth": "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth",
+    FLUX_CKPT: _HF + "Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors",
+    PULID_FLUX_FILE: _HF + "guozinan/PuLID/resolve/main/pulid_flux_v0.9.1.safetensors",
+    XLABS_FILE: _HF + "XLabs-AI/flux-ip-adapter-v2/resolve/main/ip_adapter.safetensors",
+    CLIP_L: _HF + "openai/clip-vit-large-patch14/resolve/main/model.safetensors",
 }
 # Model folders (a pack of files, not one file): where to get them, for the note each workflow carries.
 FOLDER_SOURCES = {

@@ -84,12 +84,16 @@ def model_refs(api):
 # ---------------------------------------------------------------------------
 
 def checkpoint_layout(name):
-    """Guess "sdxl" / "sd15" from a checkpoint file name."""
+    """Guess "flux" / "sdxl" / "sd15" from a checkpoint file name."""
+    if re.search(r"flux", name, re.I):
+        return "flux"
     return "sdxl" if re.search(r"xl", name, re.I) else "sd15"
 
 
 def clip_vision_kind(name):
     low = name.lower()
+    if "vit-l" in low or "clip_vision_l" in low or "vit_l" in low:
+        return "vit-l"
     return "vit-bigG" if ("bigg" in low or "vit-g" in low or "vit_g" in low) else "vit-h"
 
 
@@ -118,7 +122,7 @@ def ipadapter_spec(name):
 def _source_stamp():
     """Changes whenever the tiny-model generators change (cache invalidation)."""
     h = hashlib.sha256()
-    for fname in ("tiny_models.py", "tiny_adapters.py", "tiny_onnx_faces.py", "tiny_pulid.py"):
+    for fname in ("tiny_models.py", "tiny_adapters.py", "tiny_onnx_faces.py", "tiny_pulid.py", "tiny_flux.py"):
         path = os.path.join(DEVTOOLS, fname)
         if os.path.exists(path):
             with open(path, "rb") as f:
@@ -166,6 +170,12 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
     out_dir = os.path.join(cache_dir, folder)
     if folder == "checkpoints":
         layout = checkpoint_layout(value)
+        if layout == "flux":
+            import pack_alias
+            import tiny_flux
+
+            pack_alias.register()
+            return _ensure(os.path.join(out_dir, "tiny_flux.safetensors"), lambda p: tiny_flux.write_tiny_flux(p, seed))
         writer = tiny_models.write_tiny_sdxl if layout == "sdxl" else tiny_models.write_tiny_sd15
         return _ensure(os.path.join(out_dir, f"tiny_{layout}.safetensors"), lambda p: writer(p, seed))
     if folder == "clip_vision":
@@ -181,6 +191,10 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
 
         pack_alias.register()
         stem = os.path.splitext(os.path.basename(value))[0]
+        if folder == "pulid" and "flux" in value.lower():
+            import tiny_flux
+
+            return _ensure(os.path.join(out_dir, f"tiny_{stem}.safetensors"), lambda p: tiny_flux.write_tiny_pulid_flux(p, seed))
         if folder == "pulid":  # the version and the key style from the public names
             version = "v1.1" if "1.1" in value or "v11" in value else "v1"
             style = "converted" if value.startswith("ip-adapter") else "official"
@@ -206,6 +220,11 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         if not os.path.isdir(os.path.join(root, "models", value)):
             tiny_onnx_faces.write_tiny_pack(root, value, seed=seed)
         return value
+    if folder == "ipadapter" and "flux" in value.lower():  # XLabs flux-ip-adapter (v1: 4 tokens) / -v2 (16)
+        import tiny_flux
+        stem = os.path.splitext(os.path.basename(value))[0]
+        tokens = 16 if "v2" in value.lower() else 4
+        return _ensure(os.path.join(out_dir, f"tiny_{stem}.safetensors"), lambda p: tiny_flux.write_tiny_xlabs(p, tokens, seed))
     if folder == "ipadapter":
         family, layout, clip_kind = ipadapter_spec(value)
         import pack_alias
@@ -331,7 +350,7 @@ def main(argv=None):
             inputs.update({k: v for k, v in _TINY_TUNING.get(node["class_type"], {}).items() if k in inputs})
             if node["class_type"] in _TINY_TUNING and args.size is not None and "resolution" in inputs:
                 inputs["resolution"] = args.size
-        if args.size is not None and "EmptyLatent" in node["class_type"]:
+        if args.size is not None and re.match(r"Empty\w*Latent", node["class_type"]):  # EmptyLatentImage, EmptySD3LatentImage
             for key in ("width", "height"):
                 if isinstance(inputs.get(key), int):
                     inputs[key] = args.size

@@ -191,6 +191,9 @@ TINY_CLIP_VISION = {
               "intermediate_size": 160, "image_size": 224, "patch_size": 14, "num_tokens": 257},
     "vit-bigG": {"hidden_size": 56, "projection_dim": 36, "num_hidden_layers": 4, "num_attention_heads": 4,
                  "intermediate_size": 224, "image_size": 224, "patch_size": 14, "num_tokens": 257},
+    # CLIP ViT-L/14 (XLabs' Flux IP-Adapter encoder)
+    "vit-l": {"hidden_size": 32, "projection_dim": 28, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 128, "image_size": 224, "patch_size": 14, "num_tokens": 257},
 }
 
 #: File names used by ``write_tiny_set`` (relative to the models dir).
@@ -199,6 +202,7 @@ TINY_FILES = {
     "sdxl": os.path.join("checkpoints", "tiny_sdxl.safetensors"),
     "clip_vision_vit-h": os.path.join("clip_vision", "tiny_clip_vision_vit-h.safetensors"),
     "clip_vision_vit-bigG": os.path.join("clip_vision", "tiny_clip_vision_vit-bigG.safetensors"),
+    "clip_vision_vit-l": os.path.join("clip_vision", "tiny_clip_vision_vit-l.safetensors"),
     "vae": os.path.join("vae", "tiny_taesd_vae.safetensors"),
 }
 
@@ -338,7 +342,9 @@ def register_tiny_configs():
     """
     import comfy.clip_vision
     import comfy.supported_models as sm
+    import tiny_flux
 
+    tiny_flux.register_tiny_flux()
     classes = _make_tiny_classes()
     present = {getattr(m, "__name__", "") for m in sm.models}
     for key in ("sdxl", "sd15"):
@@ -523,7 +529,7 @@ def write_tiny_clip_vision(path, kind="vit-h", seed=0):
     import comfy.ops
     model = comfy.clip_model.CLIPVisionModelProjection(clip_vision_config(kind), torch.float32, "cpu",
                                                         comfy.ops.manual_cast)
-    _init_module(model, seed + 3 + (0 if kind == "vit-h" else 1), gain_for=_text_gain, embed_std=0.5)
+    _init_module(model, seed + 3 + list(TINY_CLIP_VISION).index(kind), gain_for=_text_gain, embed_std=0.5)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return _save(sd, path, _meta("clip_vision_" + kind, seed))
 

@@ -4,12 +4,13 @@ detection, and the host-free per-layer patch used by every host (ComfyUI glue, d
 Official checkpoints (tencent-ailab/IP-Adapter ``ip_adapter/ip_adapter.py`` ``IPAdapter.load_ip_adapter``; the
 h94/IP-Adapter and h94/IP-Adapter-FaceID files) hold two parts: ``image_proj`` (one of the projection models below)
 and ``ip_adapter`` with ``f"{2k+1}.to_k_ip.weight"`` / ``".to_v_ip.weight"`` of shape ``[layer_width,
-cross_attention_dim]`` for the k-th cross-attention site in diffusers order (see models/layers.py). The family is read
-from keys and shapes only, never from the file name.
+cross_attention_dim]`` for the k-th cross-attention site in diffusers order (see models/layers.py). XLabs' Flux adapters
+are the exception: K / V per Flux double block (below, :class:`XLabsAdapterModel`). The family is read from keys and
+shapes only, never from the file name.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ CLIP_VISION_BY_WIDTH = {
     ("image_embeds", 1280): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
     ("penultimate", 1280): "ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
     ("penultimate", 1664): "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
+    ("image_embeds", 768): "ViT-L/14 (clip_vision_l.safetensors, openai/clip-vit-large-patch14)",
 }
 
 
@@ -194,6 +196,10 @@ class Family:
     shortcut_versions: bool = False  # v1 / v2 files share one layout; v2 adds the ID tokens back (FaceID Plus)
     trained_with_lora: bool = False  # released with a companion LoRA (h94/IP-Adapter-FaceID *_lora.safetensors)
     face_pack: str | None = None  # the insightface pack its ArcFace embeddings came from in training
+    # The unconditional reference without a negative image: "zeros" (zero embeddings, the official base adapters),
+    # "blank" (the encoding of an all-zero normalized pixel tensor: Plus, Full-face), "black image" (the encoding of
+    # a black image, x-flux ``xflux_pipeline.py`` ``neg_image_prompt = np.zeros(...)``).
+    negative: str = "zeros"
 
     @property
     def is_faceid(self) -> bool:
@@ -202,8 +208,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("base", "IP-Adapter (base / light / vit-G)", ImageProjModel, _project_clip, "image_embeds"),
-    Family("plus", "IP-Adapter Plus (Plus, Plus-face, composition)", Resampler, _project_clip, "penultimate"),
-    Family("full-face", "IP-Adapter Full-face", MLPProjModel, _project_clip, "penultimate"),
+    Family("plus", "IP-Adapter Plus (Plus, Plus-face, composition)", Resampler, _project_clip, "penultimate", negative="blank"),
+    Family("full-face", "IP-Adapter Full-face", MLPProjModel, _project_clip, "penultimate", negative="blank"),
     # insightface ``normed_embedding`` (h94/IP-Adapter-FaceID model card), trained with a LoRA
     Family("faceid", "IP-Adapter FaceID", FaceIDProjModel, _project_face, None, face_embedding="normed",
            trained_with_lora=True, face_pack=FACEID_PACK),
@@ -212,10 +218,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            face_embedding="normed", face_pack=FACEID_PACK),
     Family("faceid-plus", "IP-Adapter FaceID Plus (v1 / v2)", FaceIDPlusProjModel, _project_face_and_crop,
            "penultimate", face_embedding="normed", clip_of_face_crop=True, shortcut_versions=True,
-           trained_with_lora=True, face_pack=FACEID_PACK),
+           trained_with_lora=True, face_pack=FACEID_PACK, negative="blank"),
     # a Resampler over the raw ArcFace ``embedding`` (ComfyUI_IPAdapter_plus feeds it one raw embedding per image)
     Family("faceid-portrait-unnorm", "IP-Adapter FaceID Portrait unnorm", Resampler, _project_face_sequence, None,
            face_embedding="raw", face_pack=FACEID_PACK),
+    # XLabs-AI/flux-ip-adapter (v1: 4 tokens) and -v2 (16 tokens): the base projection of CLIP ViT-L/14 image_embeds
+    # (x-flux ``ImageProjModel(4096, 768, 4)``), K / V per double block
+    Family("xlabs-flux", "IP-Adapter for Flux by XLabs (v1 / v2)", ImageProjModel, _project_clip, "image_embeds",
+           negative="black image"),
 )}
 
 
@@ -274,9 +284,9 @@ def check_model(spec: AdapterSpec, transformers: list[Transformer], sites: list[
     check_sites("IP-Adapter", spec.layout, spec.widths, spec.cross_dim, transformers, sites, context_dim, EXAMPLE_FILES)
 
 
-def _require(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+def _require(sd: dict[str, torch.Tensor], key: str, what: str, prefix: str = "image_proj.") -> torch.Tensor:
     if key not in sd:
-        raise CheckpointError(f"{what}: key image_proj.{key} is missing; the file is incomplete or not an IP-Adapter")
+        raise CheckpointError(f"{what}: key {prefix}{key} is missing; the file is incomplete or not an IP-Adapter")
     return sd[key]
 
 
@@ -557,6 +567,131 @@ class IPAdapterPatch(TokenPatch):
         ip_k = self.batch_rows(F.linear(tokens, wk), call.chunks, batch)  # [2, T, width] -> [B, T, width]
         ip_v = self.batch_rows(F.linear(tokens, wv), call.chunks, batch)
         return self.masked(ip_attention(q, ip_k, ip_v, call.heads, weight, self.scaling, call.attn), call)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# XLabs IP-Adapter for Flux (XLabs-AI/flux-ip-adapter ``ip_adapter.safetensors``, -v2 the same layout with 16 tokens):
+# ``ip_adapter_proj_model.{proj,norm}.*`` and ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*``
+
+XLABS_PARTS = {"image_proj": ("ip_adapter_proj_model.",), "blocks": ("double_blocks.",)}
+XLABS_LAYER_KEYS = ("ip_adapter_double_stream_k_proj", "ip_adapter_double_stream_v_proj")
+
+
+def is_xlabs_flux(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(XLABS_PARTS["blocks"]) and ".processor.ip_adapter_double_stream_" in k for k in sd)
+
+
+def detect_xlabs(image_proj: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]) -> AdapterSpec:
+    """Layout of an XLabs Flux adapter from keys and shapes: tokens = ``proj.weight.shape[0] / norm width`` (x-flux-comfyui
+    reads it the same way), one K / V pair per double block."""
+    proj = _require(image_proj, "proj.weight", "XLabs IP-Adapter", XLABS_PARTS["image_proj"][0])
+    cross_dim = int(_require(image_proj, "norm.weight", "XLabs IP-Adapter", XLABS_PARTS["image_proj"][0]).shape[0])
+    if proj.ndim != 2 or proj.shape[0] % cross_dim:
+        raise CheckpointError(f"ip_adapter_proj_model.proj.weight {tuple(proj.shape)} is not a multiple of the token width {cross_dim}")
+    index = sorted({int(k.split(".")[0]) for k in blocks if k.split(".")[0].isdigit()})
+    if not index or index != list(range(len(index))):
+        raise CheckpointError(f"XLabs IP-Adapter double blocks are not numbered 0, 1, 2, ...: found {index[:6]}")
+    widths = []
+    for i in index:
+        for name in XLABS_LAYER_KEYS:
+            for part, ndim in (("weight", 2), ("bias", 1)):
+                t = blocks.get(f"{i}.processor.{name}.{part}")
+                if t is None or t.ndim != ndim:
+                    raise CheckpointError(f"double_blocks.{i}.processor.{name}.{part} is missing or not a {ndim}-d tensor")
+            w = blocks[f"{i}.processor.{name}.weight"]
+            if w.shape[1] != cross_dim:
+                raise CheckpointError(f"double_blocks.{i}.processor.{name}.weight takes width {w.shape[1]}, the tokens are {cross_dim}")
+        widths.append(int(blocks[f"{i}.processor.{XLABS_LAYER_KEYS[0]}.weight"].shape[0]))
+    tokens, clip_dim = int(proj.shape[0]) // cross_dim, int(proj.shape[1])
+    return AdapterSpec("xlabs-flux", "flux", cross_dim, clip_dim, tokens, tuple(widths),
+                       dict(clip_dim=clip_dim, cross_dim=cross_dim, tokens=tokens))
+
+
+class XLabsLayer(nn.Module):
+    """The image K / V projections of one double block (with bias, zero-initialised in training)."""
+
+    def __init__(self, cross_dim: int, width: int):
+        super().__init__()
+        self.ip_adapter_double_stream_k_proj = nn.Linear(cross_dim, width)
+        self.ip_adapter_double_stream_v_proj = nn.Linear(cross_dim, width)
+
+
+class XLabsAdapterModel(nn.Module):
+    """The projection and the per-double-block K / V layers of an XLabs Flux adapter (``project`` as
+    :class:`IPAdapterModel`'s, so the combine methods and the embeds work the same)."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.spec = spec
+        self.image_proj = ImageProjModel(**spec.proj_config)
+        self.blocks = nn.ModuleList([XLabsLayer(spec.cross_dim, w) for w in spec.widths])
+
+    @classmethod
+    def from_parts(cls, image_proj: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]) -> XLabsAdapterModel:
+        spec = detect_xlabs(image_proj, blocks)
+        with torch.device("meta"):
+            model = cls(spec)
+        file_keys = {f"{i}.{name}.{part}": f"{i}.processor.{name}.{part}" for i in range(len(spec.widths))
+                     for name in XLABS_LAYER_KEYS for part in ("weight", "bias")}
+        check_weights(image_proj, "ip_adapter_proj_model.")
+        check_weights(blocks, "double_blocks.")
+        load_exact(model.image_proj, image_proj, "ip_adapter_proj_model", assign=True)
+        load_exact(model.blocks, {own: blocks[key] for own, key in file_keys.items()}, "double_blocks", file_keys, assign=True)
+        return model.float()
+
+    def project(self, features: torch.Tensor, clip=None, shortcut_scale=None) -> torch.Tensor:
+        spec = self.spec
+        if features.ndim != 2 or features.shape[-1] != spec.clip_dim:
+            raise ValueError(f"{spec.describe()} takes CLIP image_embeds of width {spec.clip_dim}, got a tensor of shape "
+                             f"{tuple(features.shape)}: use {spec.expected_clip_vision}")
+        p = next(self.image_proj.parameters())
+        return self.image_proj(features.to(p.device, p.dtype))
+
+
+def load_adapter(path: str) -> IPAdapterModel | XLabsAdapterModel:
+    """An IP-Adapter of any family, told apart by its keys (XLabs Flux files, or the SD1.5 / SDXL families)."""
+    sd = load_file(path)
+    try:
+        if is_xlabs_flux(sd):
+            parts = split_prefixes(sd, XLABS_PARTS)
+            return XLabsAdapterModel.from_parts(parts["image_proj"], parts["blocks"])
+        parts = split_prefixes(sd, CHECKPOINT_PARTS)
+        return IPAdapterModel.from_parts(parts["image_proj"], parts["ip_adapter"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+class XLabsPatch(TokenPatch):
+    """One Apply node's XLabs adapter on a Flux model (the :class:`~.dit.BlockPatch` protocol): after every double
+    block, ``img + weight * SDPA(img_q, K_ip, V_ip)`` with the block's own image query of its input (x-flux
+    ``IPDoubleStreamBlockProcessor``); the cond rows attend to the reference's tokens, the uncond rows to the
+    negative's (not the batch mean x-flux-comfyui takes); limited to ``mask``."""
+
+    uses_query = True
+
+    def __init__(self, adapter: XLabsAdapterModel, cond: torch.Tensor, uncond: torch.Tensor, weight: float,
+                 mask: torch.Tensor | None = None):
+        super().__init__({False: (cond, uncond)}, mask)
+        self.adapter, self.weight = adapter, float(weight)
+
+    def sites(self) -> set[tuple[str, int]]:
+        return {("double", i) for i in range(len(self.adapter.blocks))} if self.weight != 0.0 else set()
+
+    def delta(self, call, img: torch.Tensor) -> torch.Tensor | None:
+        if call.kind != "double" or not 0 <= call.index < len(self.adapter.blocks) or self.weight == 0.0:
+            return None
+        layer = self.adapter.blocks[call.index]
+        q = call.query
+        b, heads, _, d = q.shape
+        p = layer.ip_adapter_double_stream_k_proj.weight
+        tokens = self.stacked_tokens(False, p.device, p.dtype)  # [2, T, C]
+        k = self.batch_rows(layer.ip_adapter_double_stream_k_proj(tokens), call.chunks, b // len(call.chunks))
+        v = self.batch_rows(layer.ip_adapter_double_stream_v_proj(tokens), call.chunks, b // len(call.chunks))
+        k, v = (t.to(q.dtype).reshape(b, -1, heads, d).transpose(1, 2) for t in (k, v))
+        out = self.weight * call.attn(q, k, v)  # [B, L, heads * d]
+        if self.mask is not None and call.grid is not None:
+            out = out * self.resized_mask(tuple(call.grid), b // len(call.chunks), call.chunks, out.device, out.dtype)
+        return out.to(img.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ SDXL_TRANSFORMERS = (
 # Known layouts by number of cross-attention sites (= number of layer pairs in an IP-Adapter checkpoint).
 LAYOUTS = {16: "sd15", 70: "sdxl"}
 LAYOUT_TRANSFORMERS = {"sd15": SD15_TRANSFORMERS, "sdxl": SDXL_TRANSFORMERS}
-LAYOUT_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+LAYOUT_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
 
 def check_sites(what: str, layout: str, widths: tuple[int, ...], cross_dim: int, transformers: list[Transformer],
                 sites: list[Site], context_dim: int, examples: dict[str, str]) -> None:

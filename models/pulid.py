@@ -174,18 +174,8 @@ def detect(encoder: dict[str, torch.Tensor], layers: dict[str, torch.Tensor]) ->
     vit_out, vit_width = _shape(encoder, "mapping_0.6.weight", 2)[0], _shape(encoder, "mapping_0.0.weight", 2)[1]
     hidden = _shape(encoder, "mapping_0.0.weight", 2)[0]
     if "latents" in encoder:  # v1.1 IDFormer
-        _, queries, dim = _shape(encoder, "latents", 3)
-        out_dim = _shape(encoder, "proj_out", 2)[1]
-        inner = _shape(encoder, "layers.0.0.to_q.weight", 2)[0]
-        depth = len({k.split(".")[1] for k in encoder if k.startswith("layers.")})
-        id_out, width = _shape(encoder, "id_embedding_mapping.6.weight", 2)[0], _shape(encoder, "id_embedding_mapping.0.weight", 2)[1]
-        if inner % IDFORMER_DIM_HEAD or depth % ID_SCALES or id_out % dim or vit_out != dim:
-            raise CheckpointError(f"IDFormer: attention width {inner}, depth {depth}, ID mapping {id_out} do not fit a "
-                                  f"perceiver of width {dim} (heads of {IDFORMER_DIM_HEAD}, depth a multiple of {ID_SCALES})")
-        cfg = dict(dim=dim, depth=depth, heads=inner // IDFORMER_DIM_HEAD, num_id_token=id_out // dim, num_queries=queries,
-                   output_dim=out_dim, ff_mult=_shape(encoder, "layers.0.1.1.weight", 2)[0] // dim, width=width,
-                   vit_width=vit_width, hidden=hidden)
-        version, tokens = "v1.1", queries
+        cfg = _idformer_config(encoder)
+        version, tokens, out_dim = "v1.1", cfg["num_queries"], cfg["output_dim"]
     elif "body.0.weight" in encoder:  # v1 IDEncoder
         h1, width = _shape(encoder, "body.0.weight", 2)
         h2 = _shape(encoder, "body.3.weight", 2)[0]
@@ -420,3 +410,198 @@ class PuLIDPatch(TokenPatch):
                 d = self.weight * (hid + (ortho_v2_weight(q.to(ct), k.to(ct), call.heads) - 1) * proj)
             d = d.to(q.dtype)
         return self.masked(d, call)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PuLID-FLUX (pulid_flux_v0.9.0 / v0.9.1): the v1.1 IDFormer, and cross-attentions from the Flux image tokens to the
+# ID tokens after some of the transformer blocks (ToTheBeginning/PuLID ``pulid/pipeline_flux.py``, ``flux/model.py``)
+
+FLUX_CHECKPOINT_PARTS = {"encoder": ("pulid_encoder.",), "ca": ("pulid_ca.",)}
+# PerceiverAttentionCA heads are 128 wide (encoders_transformer.py ``PerceiverAttentionCA(dim_head=128, heads=16)``).
+PULID_CA_DIM_HEAD = 128
+# One cross-attention after every 2nd double block and every 4th single block, from block 0 (pipeline_flux.py
+# ``double_interval = 2``, ``single_interval = 4``): 10 + 10 = 20 on Flux.1-dev's 19 / 38 blocks.
+PULID_FLUX_INTERVALS = {"double": 2, "single": 4}
+# The Flux app's defaults (app_flux.py): id weight 1, ID from step 0 (its docs suggest 4 for photorealism).
+PULID_FLUX_WEIGHT = 1.0
+PULID_FLUX_START_STEP = 0
+# Several reference images. The official Flux app encodes one image; the popular ComfyUI ports average the IDFormer
+# outputs of several (balazik/ComfyUI-PuLID-Flux, lldacing/ComfyUI_PuLID_Flux_ll); the IDFormer also takes several
+# images in one call, as PuLID v1.1 for SDXL does (pipeline_v1_1.py).
+FLUX_IMAGE_MODES = ("first (official)", "mean of ID embeddings (community)", "all in one IDFormer call (v1.1 style)")
+
+
+class PerceiverAttentionCA(nn.Module):
+    """Image tokens (queries) attend to the ID tokens (keys and values); ``norm1`` over the ID tokens, ``norm2`` over
+    the image tokens, the softmax in float32 (encoders_transformer.py ``PerceiverAttentionCA``)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int):
+        super().__init__()
+        inner = heads * PULID_CA_DIM_HEAD
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(kv_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # ID [b|1, T, kv_dim], image [B, L, dim]
+        b, n, _ = latents.shape
+        q = self.to_q(self.norm2(latents)).reshape(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.to_kv(self.norm1(x)).chunk(2, dim=-1)
+        k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (k, v))
+        scale = PULID_CA_DIM_HEAD ** -0.25  # on q and k each, as the reference (stabler in fp16)
+        weight = ((q * scale) @ (k * scale).transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
+        return self.to_out((weight @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+@dataclass(frozen=True)
+class PuLIDFluxSpec:
+    dim: int  # Flux hidden width the cross-attentions take (3072)
+    cross_dim: int  # ID token width (2048)
+    heads: int  # cross-attention heads (16)
+    modules: int  # cross-attentions (20)
+    id_width: int
+    vit_width: int
+    tokens: int  # ID tokens (32)
+    encoder_config: dict = field(default_factory=dict, compare=False)
+    version: str = "flux"
+    layout: str = "flux"
+
+    def describe(self) -> str:
+        return (f"PuLID-FLUX ({self.modules} cross-attentions of width {self.dim}, {self.tokens} ID tokens of width "
+                f"{self.cross_dim}; id_cond {self.id_width}, EVA width {self.vit_width})")
+
+    def sites(self, depths: tuple[int, int]) -> dict[tuple[str, int], int]:
+        """``{(kind, block): cross-attention index}`` on a Flux with ``depths`` (double, single) blocks."""
+        from .dit import interval_sites
+
+        return interval_sites(depths, PULID_FLUX_INTERVALS)
+
+
+def _idformer_config(encoder: dict[str, torch.Tensor]) -> dict:
+    _, queries, dim = _shape(encoder, "latents", 3)
+    out_dim = _shape(encoder, "proj_out", 2)[1]
+    inner = _shape(encoder, "layers.0.0.to_q.weight", 2)[0]
+    depth = len({k.split(".")[1] for k in encoder if k.startswith("layers.")})
+    id_out, width = _shape(encoder, "id_embedding_mapping.6.weight", 2)[0], _shape(encoder, "id_embedding_mapping.0.weight", 2)[1]
+    vit_out, vit_width = _shape(encoder, "mapping_0.6.weight", 2)[0], _shape(encoder, "mapping_0.0.weight", 2)[1]
+    if inner % IDFORMER_DIM_HEAD or depth % ID_SCALES or id_out % dim or vit_out != dim:
+        raise CheckpointError(f"IDFormer: attention width {inner}, depth {depth}, ID mapping {id_out} do not fit a "
+                              f"perceiver of width {dim} (heads of {IDFORMER_DIM_HEAD}, depth a multiple of {ID_SCALES})")
+    return dict(dim=dim, depth=depth, heads=inner // IDFORMER_DIM_HEAD, num_id_token=id_out // dim, num_queries=queries,
+                output_dim=out_dim, ff_mult=_shape(encoder, "layers.0.1.1.weight", 2)[0] // dim, width=width,
+                vit_width=vit_width, hidden=_shape(encoder, "mapping_0.0.weight", 2)[0])
+
+
+def detect_flux(encoder: dict[str, torch.Tensor], ca: dict[str, torch.Tensor]) -> PuLIDFluxSpec:
+    """Read a PuLID-FLUX checkpoint's layout from its keys and shapes (``pulid_encoder.*``: an IDFormer;
+    ``pulid_ca.{k}.*``: the cross-attentions)."""
+    if "latents" not in encoder:
+        raise CheckpointError("PuLID-FLUX: pulid_encoder.* is not an IDFormer (no latents)")
+    cfg = _idformer_config(encoder)
+    index = sorted({int(k.split(".")[0]) for k in ca if k.split(".")[0].isdigit()})
+    if not index or index != list(range(len(index))):
+        raise CheckpointError(f"PuLID-FLUX cross-attentions are not numbered 0, 1, 2, ...: found {index[:6]}")
+    names = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "to_q.weight", "to_kv.weight", "to_out.weight")
+    for k in index:
+        missing = [n for n in names if f"{k}.{n}" not in ca]
+        if missing:
+            raise CheckpointError(f"PuLID-FLUX cross-attention {k} lacks {', '.join(missing)}; the file is incomplete")
+    inner, dim = _shape(ca, "0.to_q.weight", 2)
+    kv_dim = _shape(ca, "0.to_kv.weight", 2)[1]
+    if inner % PULID_CA_DIM_HEAD:
+        raise CheckpointError(f"PuLID-FLUX cross-attention width {inner} is not a multiple of its {PULID_CA_DIM_HEAD}-wide heads")
+    if kv_dim != cfg["output_dim"]:
+        raise CheckpointError(f"the IDFormer gives tokens of width {cfg['output_dim']} but the cross-attentions take {kv_dim}")
+    return PuLIDFluxSpec(dim, kv_dim, inner // PULID_CA_DIM_HEAD, len(index), cfg["width"], cfg["vit_width"],
+                         cfg["num_queries"], cfg)
+
+
+class PuLIDFluxModel(nn.Module):
+    """The IDFormer and the cross-attentions, in the official parameter names (``pulid_encoder``, ``pulid_ca``)."""
+
+    def __init__(self, spec: PuLIDFluxSpec):
+        super().__init__()
+        self.spec = spec
+        self.pulid_encoder = IDFormer(**spec.encoder_config)
+        self.pulid_ca = nn.ModuleList([PerceiverAttentionCA(spec.dim, spec.cross_dim, spec.heads) for _ in range(spec.modules)])
+
+    @property
+    def encoder(self) -> IDFormer:
+        return self.pulid_encoder
+
+    @classmethod
+    def from_parts(cls, encoder: dict[str, torch.Tensor], ca: dict[str, torch.Tensor]) -> PuLIDFluxModel:
+        spec = detect_flux(encoder, ca)
+        with torch.device("meta"):
+            model = cls(spec)
+        check_weights(encoder, "pulid_encoder.")
+        check_weights(ca, "pulid_ca.")
+        sd = {**{f"pulid_encoder.{k}": v for k, v in encoder.items()}, **{f"pulid_ca.{k}": v for k, v in ca.items()}}
+        load_exact(model, sd, "the PuLID-FLUX model", assign=True)
+        return model.float()
+
+
+def load_pulid(path: str) -> PuLIDModel | PuLIDFluxModel:
+    """A PuLID model of any kind (SDXL v1 / v1.1, or PuLID-FLUX), told apart by its keys."""
+    sd = load_file(path)
+    try:
+        if any(k.startswith(FLUX_CHECKPOINT_PARTS["ca"]) for k in sd):
+            parts = split_prefixes(sd, FLUX_CHECKPOINT_PARTS)
+            return PuLIDFluxModel.from_parts(parts["encoder"], parts["ca"])
+        parts = split_prefixes(sd, CHECKPOINT_PARTS)
+        return PuLIDModel.from_parts(parts["encoder"], parts["layers"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def encode_flux_tokens(model: PuLIDFluxModel, embeds: PuLIDEmbeds, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ID tokens ``(cond, uncond)``, each ``[1, T, C]``: the IDFormer of the reference (``mode`` says which of several
+    images, :data:`FLUX_IMAGE_MODES`) and of zeros for the condition and every hidden state (pipeline_flux.py
+    ``get_id_embedding(cal_uncond=True)``, the true-CFG path)."""
+    enc = model.pulid_encoder
+    p = next(model.parameters())
+    cond = embeds.id_cond.to(p.device, p.dtype)
+    hidden = [h.to(p.device, p.dtype) for h in embeds.hidden]
+    uncond = enc(torch.zeros_like(cond[:1]), [torch.zeros_like(h[:1]) for h in hidden])
+    if mode == FLUX_IMAGE_MODES[0]:
+        tokens = enc(cond[:1], [h[:1] for h in hidden])
+    elif mode == FLUX_IMAGE_MODES[1]:
+        tokens = enc(cond, hidden).mean(dim=0, keepdim=True)
+    elif mode == FLUX_IMAGE_MODES[2]:
+        n = embeds.images
+        tokens = enc(cond[None], [h.reshape(1, n * h.shape[1], h.shape[2]) for h in hidden])
+    else:
+        raise ValueError(f"unknown image mode {mode!r}; expected one of {FLUX_IMAGE_MODES}")
+    return tokens, uncond
+
+
+class PuLIDFluxPatch(TokenPatch):
+    """One Apply node's PuLID-FLUX on a Flux model (the :class:`~.dit.BlockPatch` protocol): after the blocks of
+    ``sites``, ``img + weight * ca_k(id, img)`` on the image tokens (flux/model.py), with the cond ID tokens in the
+    cond rows and the IDFormer of zeros in the uncond rows (the official true-CFG path), limited to ``mask``."""
+
+    uses_query = False
+
+    def __init__(self, model: PuLIDFluxModel, cond: torch.Tensor, uncond: torch.Tensor, weight: float,
+                 sites: dict[tuple[str, int], int], mask: torch.Tensor | None = None):
+        super().__init__({False: (cond, uncond)}, mask)
+        self.model, self.weight, self.site_index = model, float(weight), dict(sites)
+
+    def sites(self) -> set[tuple[str, int]]:
+        return set(self.site_index) if self.weight != 0.0 else set()
+
+    def delta(self, call, img: torch.Tensor) -> torch.Tensor | None:
+        k = self.site_index.get((call.kind, call.index))
+        if k is None or self.weight == 0.0:
+            return None
+        ca = self.model.pulid_ca[k]
+        batch = img.shape[0] // len(call.chunks)
+        ids = self.batch_rows(self.stacked_tokens(False, img.device, img.dtype), call.chunks, batch)
+        if all(c != 1 for c in call.chunks):  # cond only (the official "fake CFG"): one ID row broadcast, as the reference
+            ids = ids[:1]
+        d = self.weight * ca(ids, img)
+        if self.mask is not None and call.grid is not None:
+            d = d * self.resized_mask(tuple(call.grid), batch, call.chunks, d.device, d.dtype)
+        return d

@@ -9,9 +9,19 @@ import torch
 
 from ..models.attention import EMBEDS_SCALING
 from ..models.inputs import check_finite, check_image, check_number
-from ..models.ipadapter import COMBINE_METHODS, IPAdapterModel, IPAdapterPatch, IPAEmbeds, check_model, project_images
+from ..models.ipadapter import (
+    COMBINE_METHODS,
+    IPAdapterModel,
+    IPAdapterPatch,
+    IPAEmbeds,
+    XLabsPatch,
+    check_model,
+    load_adapter,
+    project_images,
+)
 from ..models.layers import WEIGHT_TYPES, layer_weights
-from .comfy import folders, vision, weights
+from .comfy import flux, folders, unet, vision, weights
+from .comfy import sites as sites_glue
 from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 
 log = logging.getLogger("personalize")
@@ -51,8 +61,8 @@ IN_EMBEDS = (EMBEDS, {"tooltip": "Reference embeddings from 'IP-Adapter Encode' 
 
 class PersonalizeIPAdapterLoader:
     DESCRIPTION = ("Loads an IP-Adapter from models/ipadapter (.safetensors or .bin). The family (base/light/vit-G, "
-                   "Plus/Plus-face/composition, Full-face, FaceID / FaceID Plus / Portrait) and the target model "
-                   "(SD1.5 or SDXL) are read from the file's keys and shapes, not its name.")
+                   "Plus/Plus-face/composition, Full-face, FaceID / FaceID Plus / Portrait, XLabs Flux v1 / v2) and the "
+                   "target model (SD1.5, SDXL or Flux) are read from the file's keys and shapes, not its name.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (IPADAPTER,)
     RETURN_NAMES = ("ipadapter",)
@@ -65,7 +75,7 @@ class PersonalizeIPAdapterLoader:
 
     def load(self, ipadapter_file):
         path = folders.full_path("ipadapter", ipadapter_file, "IP-Adapter")
-        model = IPAdapterModel.from_file(path).eval().requires_grad_(False)
+        model = load_adapter(path).eval().requires_grad_(False)
         log.info("IP-Adapter %s: %s", ipadapter_file, model.spec.describe())
         return (LoadedIPAdapter(ipadapter_file, model, weights.adapter_patcher(model)),)
 
@@ -83,8 +93,10 @@ def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_
     if image_negative is not None:
         check_image(image_negative, "image_negative")
         uncond = vision.encode_clip_vision(clip_vision, image_negative, spec.feature)
-    elif spec.feature == "image_embeds":
+    elif spec.info.negative == "zeros":
         uncond = torch.zeros_like(cond[:1])  # official uncond for global-embedding adapters: zero embeddings
+    elif spec.info.negative == "black image":
+        uncond = vision.encode_clip_vision(clip_vision, torch.zeros_like(image[:1]), spec.feature)
     else:
         uncond = vision.blank_clip_features(clip_vision, spec.feature)
     return IPAEmbeds(cond, uncond, spec.feature)
@@ -93,7 +105,7 @@ def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_
 class PersonalizeIPAdapterEncode:
     DESCRIPTION = ("Encodes reference images with CLIP vision for an IP-Adapter. Without a negative image the "
                    "unconditional embedding is the one the adapter was trained with (zero embedding for base "
-                   "models, the encoding of a blank image for Plus / Full-face).")
+                   "models, the encoding of a blank image for Plus / Full-face, of a black image for XLabs Flux).")
     CATEGORY = CATEGORY
     RETURN_TYPES = (EMBEDS,)
     RETURN_NAMES = ("embeds",)
@@ -141,6 +153,8 @@ class _ApplyBase:
     def _patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask, project,
                composition_weight=1.0, project_alt=None):
         """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
+        if ipadapter.spec.layout == "flux":
+            raise ValueError(f"{ipadapter.name} is an {ipadapter.spec.name}: use 'Apply IP-Adapter Flux (Personalize)' on a Flux model")
         check_number(weight, "weight")
         check_number(composition_weight, "composition_weight")
         mask = checked_attn_mask(attn_mask)
@@ -307,6 +321,71 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
         return (out, text)
 
 
+class PersonalizeIPAdapterFluxApply:
+    DESCRIPTION = ("XLabs IP-Adapter (v1 / v2) on a Flux model: after each of the 19 double blocks, the block's own image "
+                   "query attends to the reference's image tokens and the result is added to the image tokens "
+                   "(img += weight * attention), as the official x-flux code, through ComfyUI's block hooks (nothing of "
+                   "the model is replaced). The negative pass (cfg > 1) attends to the negative image's tokens (a black "
+                   "image by default), never to the cond pass's. Give image + clip_vision (CLIP ViT-L/14) or embeds.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model": ("MODEL", {"tooltip": "A Flux model (Flux.1-dev)."}),
+                         "ipadapter": (IPADAPTER, {"tooltip": "XLabs flux-ip-adapter(-v2) ip_adapter.safetensors from "
+                                                   "'Load IP-Adapter (Personalize)'."}),
+                         "weight": weight_input("Strength of the image prompt (x-flux ip_scale; 1 by default, XLabs "
+                                                "suggests 0.5-1)."),
+                         "start_at": fraction_input(0.0, "Fraction of the sampling schedule where the image prompt starts."),
+                         "end_at": fraction_input(1.0, "Fraction of the sampling schedule where it stops."),
+                         "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference "
+                                            "images: 'concat' keeps all images' tokens; 'average' / 'norm average' blend "
+                                            "their CLIP embeddings first."})},
+            "optional": {"image": IN_IMAGE,
+                         "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip_vision_l.safetensors), the "
+                                         "encoder XLabs trained with."}),
+                         "embeds": IN_EMBEDS, "image_negative": IN_NEGATIVE, "attn_mask": IN_MASK},
+        }
+
+    def apply(self, model, ipadapter, weight, start_at, end_at, combine_embeds, image=None, clip_vision=None, embeds=None,
+              image_negative=None, attn_mask=None):
+        spec = ipadapter.spec
+        if spec.layout != "flux":
+            raise ValueError(f"{ipadapter.name} is an {spec.name} for {spec.layout.upper()}: use 'Apply IP-Adapter "
+                             "(Personalize)' on an SD1.5 / SDXL model")
+        check_number(weight, "weight")
+        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
+        if start_at > end_at:
+            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+        if weight == 0:
+            log.info("IP-Adapter weight is 0: model returned unchanged")
+            return (model,)
+        dm = flux.flux_model(model)
+        double, _ = flux.depths(dm)
+        if double != len(spec.widths) or dm.hidden_size != spec.widths[0] or not hasattr(dm.double_blocks[0], "img_mod"):
+            raise ValueError(f"{ipadapter.name} is made for a Flux with {len(spec.widths)} double blocks of width "
+                             f"{spec.widths[0]}; this {type(dm).__name__} has {double} of width {dm.hidden_size}"
+                             + ("" if hasattr(dm.double_blocks[0], "img_mod") else " and no per-block modulation"))
+        if dm.params.context_in_dim != spec.cross_dim:
+            log.info("XLabs tokens of width %d on a model whose text width is %d", spec.cross_dim, dm.params.context_in_dim)
+        embeds = PersonalizeIPAdapterApply._embeds(ipadapter, clip_vision, image, embeds, image_negative, "image / embeds")
+        mask = checked_attn_mask(attn_mask)
+        weights.prepare_adapter(ipadapter.patcher, unet.compute_dtype(model))
+        with torch.no_grad():
+            cond, uncond = checked_tokens(project_images(ipadapter.model, embeds.cond, embeds.uncond, combine_embeds),
+                                          f"the image tokens of {ipadapter.name}")
+        patch = XLabsPatch(ipadapter.model, cond, uncond, weight, mask)
+        sigma_start, sigma_end = sites_glue.sigma_window(model, start_at, end_at)
+        out = flux.install_block_patch(model, patch, flux.Gate(sigma_start, sigma_end), ipadapter.patcher)
+        log.info("IP-Adapter %s (%d tokens per image) on %d double blocks, weight %.3g", ipadapter.name, spec.tokens,
+                 double, weight)
+        return (out,)
+
+
 class PersonalizeIPAdapterSaveEmbeds:
     DESCRIPTION = "Saves IP-Adapter embeds to the output folder as safetensors (never a pickle)."
     CATEGORY = CATEGORY
@@ -344,6 +423,7 @@ NODES = {
     "PersonalizeIPAdapterEncode": ("IP-Adapter Encode (Personalize)", PersonalizeIPAdapterEncode),
     "PersonalizeIPAdapterApply": ("Apply IP-Adapter (Personalize)", PersonalizeIPAdapterApply),
     "PersonalizeIPAdapterFaceIDApply": ("Apply IP-Adapter FaceID (Personalize)", PersonalizeIPAdapterFaceIDApply),
+    "PersonalizeIPAdapterFluxApply": ("Apply IP-Adapter Flux (Personalize)", PersonalizeIPAdapterFluxApply),
     "PersonalizeIPAdapterSaveEmbeds": ("Save IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterSaveEmbeds),
     "PersonalizeIPAdapterLoadEmbeds": ("Load IP-Adapter Embeds (Personalize)", PersonalizeIPAdapterLoadEmbeds),
 }

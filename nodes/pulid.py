@@ -16,7 +16,8 @@ from ..models.face import image_to_uint8
 from ..models.face.image import ffhq_crop
 from ..models.face.parsing import load_parser
 from ..models.inputs import check_finite, check_image, check_number
-from .comfy import folders, weights
+from .comfy import flux, folders, unet, weights
+from .comfy import sites as sites_glue
 from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
 from .face import FACE_ANALYSIS, IN_INDEX, IN_SELECTION
 
@@ -50,8 +51,9 @@ def _load(folder: str, name: str, what: str, build):
 
 
 class PersonalizePuLIDLoader:
-    DESCRIPTION = ("Loads a PuLID model from models/pulid: v1 (IDEncoder, 10 ID tokens) or v1.1 (IDFormer, 32 ID tokens), "
-                   "the official files or the IP-Adapter-style conversion of v1; the version is read from the keys.")
+    DESCRIPTION = ("Loads a PuLID model from models/pulid: for SDXL v1 (IDEncoder, 10 ID tokens) or v1.1 (IDFormer, 32 ID "
+                   "tokens), the official files or the IP-Adapter-style conversion of v1; or PuLID-FLUX v0.9.0 / v0.9.1 "
+                   "(IDFormer + 20 cross-attentions). What the file is, is read from its keys.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PULID,)
     RETURN_NAMES = ("pulid",)
@@ -62,7 +64,7 @@ class PersonalizePuLIDLoader:
         return {"required": {"pulid_file": _file_input("pulid", "pulid_v1.1.safetensors")}}
 
     def load(self, pulid_file):
-        loaded = _load("pulid", pulid_file, "PuLID model", lambda p: core.PuLIDModel.from_file(p).eval().requires_grad_(False))
+        loaded = _load("pulid", pulid_file, "PuLID model", lambda p: core.load_pulid(p).eval().requires_grad_(False))
         log.info("PuLID %s: %s", pulid_file, loaded.model.spec.describe())
         return (loaded,)
 
@@ -195,15 +197,21 @@ def _common_inputs() -> dict:
             "end_at": fraction_input(1.0, "Fraction of the sampling steps where it stops.")}
 
 
+def _check_embeds(loaded, embeds) -> None:
+    embeds.check_for(loaded.model.spec)
+    for i, t in enumerate([embeds.id_cond, *embeds.hidden]):
+        check_finite(t, "the PuLID embeds" + (f" (hidden state {i - 1})" if i else ""))
+
+
 def _apply(model, loaded, embeds, weight, projection, num_zero, start_at, end_at, attn_mask, id_mix):
     spec = loaded.model.spec
+    if spec.layout == "flux":
+        raise ValueError(f"{loaded.name} is a PuLID-FLUX model: use 'Apply PuLID-FLUX (Personalize)' on a Flux model")
     check_number(weight, "weight")
     if weight == 0:
         log.info("PuLID weight is 0: model returned unchanged")
         return model
-    embeds.check_for(spec)
-    for i, t in enumerate([embeds.id_cond, *embeds.hidden]):
-        check_finite(t, "the PuLID embeds" + (f" (hidden state {i - 1})" if i else ""))
+    _check_embeds(loaded, embeds)
     mask = checked_attn_mask(attn_mask)
 
     def build(transformers, model_sites):
@@ -235,7 +243,7 @@ class PersonalizePuLIDApply:
                 "optional": {"attn_mask": IN_MASK, "id_mix": IN_ID_MIX}}
 
     def apply(self, model, pulid, embeds, method, weight, start_at, end_at, attn_mask=None, id_mix=False):
-        num_zero = core.ZERO_TOKENS[(method, pulid.model.spec.version)]
+        num_zero = core.ZERO_TOKENS.get((method, pulid.model.spec.version), 0)  # PuLID-FLUX: refused in _apply
         return (_apply(model, pulid, embeds, weight, core.METHODS[method], num_zero, start_at, end_at, attn_mask, id_mix),)
 
 
@@ -261,6 +269,73 @@ class PersonalizePuLIDApplyAdvanced:
         return (_apply(model, pulid, embeds, weight, projection, num_zero, start_at, end_at, attn_mask, id_mix),)
 
 
+class PersonalizePuLIDFluxApply:
+    DESCRIPTION = ("PuLID-FLUX on a Flux model, as the official code: after every 2nd double block and every 4th single "
+                   "block, the image tokens attend to the ID tokens (img += weight * ca(id, img)), through ComfyUI's own "
+                   "block hooks (nothing of the model is replaced; other packs' block patches keep running). cfg 1 (the "
+                   "official default) runs the identity on the cond pass only; with cfg > 1 the negative pass gets the "
+                   "ID encoder's output for zeros, as the official true-CFG path. Two nodes with two masks put two "
+                   "identities in one image.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The Flux model with the identity.", "What was applied.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A Flux model (Flux.1-dev; PuLID-FLUX was trained on it)."}),
+            "pulid": (PULID, {"tooltip": "pulid_flux_v0.9.1.safetensors (or v0.9.0) from 'Load PuLID (Personalize)'."}),
+            "embeds": IN_EMBEDS,
+            "weight": weight_input("ID strength (the official id_weight, default 1).", core.PULID_FLUX_WEIGHT),
+            "start_step": ("INT", {"default": core.PULID_FLUX_START_STEP, "min": 0, "max": 10000, "tooltip": "Sampling "
+                           "step from which the identity acts (the official 'timestep to start inserting ID': 0; its "
+                           "docs suggest 4 for photorealism, 0-1 for stylized images)."}),
+            "start_at": fraction_input(0.0, "Fraction of the sampling schedule where the identity starts (with start_step: "
+                                       "both must have begun)."),
+            "end_at": fraction_input(1.0, "Fraction of the sampling schedule where it stops."),
+            "images": (list(core.FLUX_IMAGE_MODES), {"default": core.FLUX_IMAGE_MODES[0], "tooltip": "Several reference "
+                       "images: the first only (the official Flux app takes one image), the mean of their ID embeddings "
+                       "(what the popular ComfyUI ports do; not official), or all of them in one ID encoder call (as "
+                       "PuLID v1.1 for SDXL)."}),
+        }, "optional": {"attn_mask": IN_MASK}}
+
+    def apply(self, model, pulid, embeds, weight, start_step, start_at, end_at, images, attn_mask=None):
+        spec = pulid.model.spec
+        if spec.layout != "flux":
+            raise ValueError(f"{pulid.name} is a PuLID {spec.version} model for SDXL: use 'Apply PuLID (Personalize)', or "
+                             "load pulid_flux_v0.9.1.safetensors here")
+        check_number(weight, "weight")
+        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
+        if start_at > end_at:
+            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+        if weight == 0:
+            return (model, "weight 0: model unchanged")
+        _check_embeds(pulid, embeds)
+        dm = flux.flux_model(model)
+        double, single = flux.depths(dm)
+        sites = spec.sites((double, single))
+        if len(sites) != spec.modules:
+            raise ValueError(f"{pulid.name} has {spec.modules} cross-attentions, made for a Flux with 19 double and 38 "
+                             f"single blocks; this model has {double} and {single}, which take {len(sites)}")
+        if dm.hidden_size != spec.dim:
+            raise ValueError(f"{pulid.name} takes image tokens of width {spec.dim}; this model's are {dm.hidden_size}")
+        mask = checked_attn_mask(attn_mask)
+        weights.prepare_adapter(pulid.patcher, unet.compute_dtype(model))
+        with torch.no_grad():
+            cond, uncond = checked_tokens(core.encode_flux_tokens(pulid.model, embeds, images), f"the ID tokens of {pulid.name}")
+        patch = core.PuLIDFluxPatch(pulid.model, cond, uncond, weight, sites, mask)
+        sigma_start, sigma_end = sites_glue.sigma_window(model, start_at, end_at)
+        out = flux.install_block_patch(model, patch, flux.Gate(sigma_start, sigma_end, start_step), pulid.patcher)
+        info = (f"PuLID-FLUX {pulid.name} after {len(sites)} blocks of {type(dm).__name__}, weight {weight:g}, from step "
+                f"{start_step}; {embeds.images} image(s): {images}")
+        if type(dm).__name__ != "Flux":
+            info += f"; note: PuLID-FLUX was trained on Flux.1-dev, not {type(dm).__name__}"
+        log.info(info)
+        return (out, info)
+
+
 NODES = {
     "PersonalizePuLIDLoader": ("Load PuLID (Personalize)", PersonalizePuLIDLoader),
     "PersonalizeEVACLIPLoader": ("Load EVA-CLIP (Personalize)", PersonalizeEVACLIPLoader),
@@ -270,4 +345,5 @@ NODES = {
     "PersonalizePuLIDLoadEmbeds": ("Load PuLID Embeds (Personalize)", PersonalizePuLIDLoadEmbeds),
     "PersonalizePuLIDApply": ("Apply PuLID (Personalize)", PersonalizePuLIDApply),
     "PersonalizePuLIDApplyAdvanced": ("Apply PuLID Advanced (Personalize)", PersonalizePuLIDApplyAdvanced),
+    "PersonalizePuLIDFluxApply": ("Apply PuLID-FLUX (Personalize)", PersonalizePuLIDFluxApply),
 }

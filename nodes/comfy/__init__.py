@@ -5,6 +5,7 @@ One file per host concern:
 - ``sites``: one attention-site object per cross-attention layer (the ``.add(callback, **kwargs)`` protocol other
   packs use), sigma windows, and the install step that puts any :class:`~..models.attention.SitePatch` on a model;
 - ``unet``: a ComfyUI UNet's cross-attention sites and compute dtype;
+- ``flux``: the Flux host: block patches on ComfyUI's ``patches_replace["dit"]`` hooks, chained with other packs';
 - ``weights``: adapter weights under model management, LoRA files, trainable weight wrappers;
 - ``vision``: CLIP vision features;
 - ``text``: ComfyUI text encoding with a trainable token in its slots;

@@ -4,18 +4,21 @@ import pickle
 
 import pytest
 import tiny_adapters
+import tiny_flux
 import torch
 
 from comfyui_personalize.models.attention import SiteCall, attention, ip_attention, token_grid
-from comfyui_personalize.models.checkpoints import CheckpointError, load_file
+from comfyui_personalize.models.checkpoints import CheckpointError, load_file, split_prefixes
 from comfyui_personalize.models.ipadapter import (
     FAMILIES,
+    XLABS_PARTS,
     IPAdapterModel,
     IPAdapterPatch,
     IPAEmbeds,
     check_model,
     combine_features,
     detect_family,
+    detect_xlabs,
     project_images,
 )
 from comfyui_personalize.models.layers import SD15_TRANSFORMERS, SDXL_TRANSFORMERS, layer_weights, sites_from_transformers
@@ -90,6 +93,8 @@ def test_every_family_is_declared_once_and_detected():
     """Detection only names registered families, and each entry is complete."""
     seen = {detect_family(p, official_layers(w, c)).family for p, w, c, _ in OFFICIAL.values()}
     seen |= {detect_family(p, layers).family for p, layers, _ in FACEID.values()}
+    xlabs = split_prefixes(tiny_flux.xlabs_state_dict(16), XLABS_PARTS)
+    seen.add(detect_xlabs(xlabs["image_proj"], xlabs["blocks"]).family)
     assert seen == set(FAMILIES)
     for name, fam in FAMILIES.items():
         assert fam.name == name and fam.description.startswith("IP-Adapter")
