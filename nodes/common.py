@@ -9,7 +9,7 @@ import folder_paths
 import torch
 
 from ..models.inputs import check_finite, check_mask, check_number
-from .comfy import folders, sites, unet, weights
+from .comfy import flux, folders, sites, unet, weights
 
 
 def fraction_input(default: float, tip: str):
@@ -36,6 +36,21 @@ def checked_tokens(tokens, what: str):
     return stored(tokens)
 
 
+def checked_window(start_at: float, end_at: float) -> tuple[float, float]:
+    """``start_at`` / ``end_at`` checked (numbers in 0..1, in order) when the node runs."""
+    start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
+    if start_at > end_at:
+        raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+    return start_at, end_at
+
+
+def flux_gate(model, start_at: float, end_at: float, start_step: int = 0):
+    """When a Flux block patch acts: the sigma window of ``start_at`` / ``end_at`` in the model's own sampling, and the
+    sampling step it starts at."""
+    sigma_start, sigma_end = sites.sigma_window(model, *checked_window(start_at, end_at))
+    return flux.Gate(sigma_start, sigma_end, int(start_step))
+
+
 def patch_model(model, patcher, check: Callable, build: Callable, start_at: float, end_at: float):
     """``(patched clone, patch, sites)``: ``check(transformers, sites, context_dim)`` raises when the adapter does not
     fit the model; ``build(transformers, sites)`` makes the :class:`~..models.attention.SitePatch` once the adapter
@@ -43,9 +58,7 @@ def patch_model(model, patcher, check: Callable, build: Callable, start_at: floa
 
     The numbers are checked here, when the node runs, not in ``VALIDATE_INPUTS``: ComfyUI passes no value for a
     linked input there, and naming an input in ``VALIDATE_INPUTS`` turns off its own min/max check."""
-    start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
-    if start_at > end_at:
-        raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+    start_at, end_at = checked_window(start_at, end_at)
     transformers, model_sites, context_dim = unet.discover_sites(model)
     check(transformers, model_sites, context_dim)
     weights.prepare_adapter(patcher, unet.compute_dtype(model))

@@ -21,8 +21,7 @@ from ..models.ipadapter import (
 )
 from ..models.layers import WEIGHT_TYPES, layer_weights
 from .comfy import flux, folders, unet, vision, weights
-from .comfy import sites as sites_glue
-from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
+from .common import checked_attn_mask, checked_tokens, embeds_files, flux_gate, fraction_input, patch_model, save_embeds, weight_input
 
 log = logging.getLogger("personalize")
 
@@ -358,9 +357,7 @@ class PersonalizeIPAdapterFluxApply:
             raise ValueError(f"{ipadapter.name} is an {spec.name} for {spec.layout.upper()}: use 'Apply IP-Adapter "
                              "(Personalize)' on an SD1.5 / SDXL model")
         check_number(weight, "weight")
-        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
-        if start_at > end_at:
-            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+        gate = flux_gate(model, start_at, end_at)
         if weight == 0:
             log.info("IP-Adapter weight is 0: model returned unchanged")
             return (model,)
@@ -379,8 +376,7 @@ class PersonalizeIPAdapterFluxApply:
             cond, uncond = checked_tokens(project_images(ipadapter.model, embeds.cond, embeds.uncond, combine_embeds),
                                           f"the image tokens of {ipadapter.name}")
         patch = XLabsPatch(ipadapter.model, cond, uncond, weight, mask)
-        sigma_start, sigma_end = sites_glue.sigma_window(model, start_at, end_at)
-        out = flux.install_block_patch(model, patch, flux.Gate(sigma_start, sigma_end), ipadapter.patcher)
+        out = flux.install_block_patch(model, patch, gate, ipadapter.patcher)
         log.info("IP-Adapter %s (%d tokens per image) on %d double blocks, weight %.3g", ipadapter.name, spec.tokens,
                  double, weight)
         return (out,)

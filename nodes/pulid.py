@@ -17,8 +17,7 @@ from ..models.face.image import ffhq_crop
 from ..models.face.parsing import load_parser
 from ..models.inputs import check_finite, check_image, check_number
 from .comfy import flux, folders, unet, weights
-from .comfy import sites as sites_glue
-from .common import checked_attn_mask, checked_tokens, embeds_files, fraction_input, patch_model, save_embeds, weight_input
+from .common import checked_attn_mask, checked_tokens, embeds_files, flux_gate, fraction_input, patch_model, save_embeds, weight_input
 from .face import FACE_ANALYSIS, IN_INDEX, IN_SELECTION
 
 log = logging.getLogger("personalize")
@@ -307,9 +306,7 @@ class PersonalizePuLIDFluxApply:
             raise ValueError(f"{pulid.name} is a PuLID {spec.version} model for SDXL: use 'Apply PuLID (Personalize)', or "
                              "load pulid_flux_v0.9.1.safetensors here")
         check_number(weight, "weight")
-        start_at, end_at = check_number(start_at, "start_at", 0.0, 1.0), check_number(end_at, "end_at", 0.0, 1.0)
-        if start_at > end_at:
-            raise ValueError(f"start_at ({start_at}) is after end_at ({end_at})")
+        gate = flux_gate(model, start_at, end_at, start_step)
         if weight == 0:
             return (model, "weight 0: model unchanged")
         _check_embeds(pulid, embeds)
@@ -326,8 +323,7 @@ class PersonalizePuLIDFluxApply:
         with torch.no_grad():
             cond, uncond = checked_tokens(core.encode_flux_tokens(pulid.model, embeds, images), f"the ID tokens of {pulid.name}")
         patch = core.PuLIDFluxPatch(pulid.model, cond, uncond, weight, sites, mask)
-        sigma_start, sigma_end = sites_glue.sigma_window(model, start_at, end_at)
-        out = flux.install_block_patch(model, patch, flux.Gate(sigma_start, sigma_end, start_step), pulid.patcher)
+        out = flux.install_block_patch(model, patch, gate, pulid.patcher)
         info = (f"PuLID-FLUX {pulid.name} after {len(sites)} blocks of {type(dm).__name__}, weight {weight:g}, from step "
                 f"{start_step}; {embeds.images} image(s): {images}")
         if type(dm).__name__ != "Flux":

@@ -329,3 +329,33 @@ def test_masks_reach_the_image_tokens_and_two_identities_stack(env):
     assert (s_one - bare).abs().max() > 1e-3 and (s_one - full).abs().max() > 1e-3 and (s_two - s_one).abs().max() > 1e-3
     hooks = two.model_options["transformer_options"]["patches_replace"]["dit"]
     assert len(hooks[("single_block", 4)].entries) == 2
+
+
+def test_chroma_takes_pulid_flux_and_refuses_xlabs(env):
+    """Chroma (ComfyUI's own class, same double / single block loop and hooks; modulations from its approximator)."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import nodes
+
+    cfg = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=44, hidden_size=96, mlp_ratio=4.0,
+               num_heads=3, depth=3, depth_single_blocks=5, axes_dim=[4, 14, 14], theta=10000, patch_size=2, qkv_bias=True,
+               in_dim=64, out_dim=96, hidden_dim=64, n_layers=2)
+    config = comfy.model_detection.model_config_from_unet_config(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device=torch.device("cpu"))
+    tiny_flux.tiny_models._init_module(base.diffusion_model, 5, gain_for=tiny_flux._flux_gain)
+    chroma = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 10, 44, generator=g), {"pooled_output": torch.zeros(1, 48)}]]
+    latent = {"samples": torch.zeros(1, 16, 6, 8)}
+
+    def run(m, cfg_scale):
+        with torch.inference_mode():
+            return nodes.KSampler().sample(m, 1, 3, cfg_scale, "euler", "simple", cond, cond, latent)[0]["samples"]
+    patched, info = env.maps["PersonalizePuLIDFluxApply"]().apply(chroma, env.pulid, env.embeds, 1.0, 0, 0.0, 1.0,
+                                                                  "first (official)")
+    assert "trained on Flux.1-dev, not Chroma" in info
+    assert (run(patched, 1.0) - run(chroma, 1.0)).abs().max() > 1e-2 and torch.isfinite(run(patched, 2.0)).all()
+    with pytest.raises(ValueError, match="no per-block modulation"):
+        env.maps["PersonalizeIPAdapterFluxApply"]().apply(chroma, env.xlabs, 1.0, 0.0, 1.0, "concat", image=env.image,
+                                                          clip_vision=env.clip_l)
