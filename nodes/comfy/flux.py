@@ -166,6 +166,9 @@ class FluxCallWrapper:
         grid = ((x.shape[-2] + p // 2) // p, (x.shape[-1] + p // 2) // p)
         state = CallState(current_sigma(to), _step_sigmas(to), list(to.get("cond_or_uncond") or [0]), grid,
                           grid[0] * grid[1], dm)
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        if isinstance(context, torch.Tensor):  # the text length before post_input patches; double block 0 says it exactly
+            state.txt_len = context.shape[1]
         to[STATE_KEY] = state
         try:
             out = executor(*args, **kwargs)
@@ -237,7 +240,8 @@ class BlockHook:
             sliced = to.get("img_slice")  # later ComfyUI versions say where the image starts
             start = int(sliced[0]) if sliced else state.txt_len
             if start is None:
-                raise RuntimeError("Flux single block hook: the text length is unknown (double block 0 did not run)")
+                raise RuntimeError("Flux single block hook: the text length is unknown (no context, and double block 0 "
+                                   "did not run our hook)")
         tokens = img[:, start:start + n]
         call = BlockCall(self.kind, self.index, state.chunks, state.grid, query, attend)
         for e in active:

@@ -243,6 +243,10 @@ def test_a_foreign_block_replace_keeps_running_and_clones_do_not_leak(env):
     dit = other.model_options["transformer_options"]["patches_replace"]["dit"]
     assert dit[("double_block", 2)] is foreign  # the source model keeps its own patches, untouched
     assert "dit" not in env.model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    late = both.clone()  # a node after ours that overwrites the key of double block 0, where our hook takes the text length
+    late.set_model_patch_replace(foreign, "dit", "double_block", 0)
+    overwritten = sample(env, late)  # the single blocks still find the image tokens (the text length of the context)
+    assert (overwritten - sample(env, env.model)).abs().max() > 1e-2 and torch.isfinite(overwritten).all()
     stacked = env.maps["PersonalizeIPAdapterFluxApply"]().apply(both, env.xlabs, 0.7, 0.0, 1.0, "concat", image=env.image,
                                                                 clip_vision=env.clip_l)[0]
     hooks = stacked.model_options["transformer_options"]["patches_replace"]["dit"]
