@@ -89,13 +89,15 @@ class SiteCall:
     ``chunks``: the batch layout, ComfyUI's ``cond_or_uncond`` (0 = cond, 1 = uncond; one chunk of
     ``B / len(chunks)`` rows each; anything else, e.g. InstructPix2Pix's third chunk, counts as cond).
     ``attn``: the host's attention kernel. ``latent_hw``: the latent's height and width in this model call (needed
-    to place a spatial mask on the tokens), None when the host does not know it.
+    to place a spatial mask on the tokens), None when the host does not know it. ``frames``: with ComfyUI's context
+    windows, which latents of the whole batch the rows of each chunk are (``context_window.index_list``).
     """
 
     heads: int
     chunks: Sequence[int]
     attn: AttentionFn = attention
     latent_hw: tuple[int, int] | None = None
+    frames: Sequence[int] | None = None  # latents of the full batch this call's rows are (a context window), else None
 
 
 class SitePatch:
@@ -120,19 +122,29 @@ class TokenPatch(SitePatch):
     was trained with for the negative pass). ``mask`` ``[frames or 1, H, W]`` (any size, stretched to the latent)
     limits the patch to a region. Tokens and resized masks are cached per device, dtype and resolution, so the
     per-layer call does no host sync and no repeated work.
+
+    ``unfold``: the tokens are ``[N, T, C]``, one set per reference, and reference i conditions latent i of the batch
+    (latents past the last reference take the last: ComfyUI_IPAdapter_plus' "unfold batch" and its ``tensor_to_size``);
+    under a context window the latents are the window's (``SiteCall.frames``).
     """
 
-    def __init__(self, tokens: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None):
+    def __init__(self, tokens: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None,
+                 unfold: bool = False):
         for cond, uncond in tokens.values():
-            if cond.shape != uncond.shape:
+            if cond.shape[1:] != uncond.shape[1:] or (not unfold and cond.shape != uncond.shape):
                 raise ValueError(f"cond tokens {tuple(cond.shape)} and uncond tokens {tuple(uncond.shape)} differ")
+            if unfold and uncond.shape[0] not in (1, cond.shape[0]):
+                raise ValueError(f"{uncond.shape[0]} negative references for {cond.shape[0]} references: give 1 or "
+                                 f"{cond.shape[0]}")
+        self.unfold = unfold
         self.tokens = dict(tokens)
         self.mask = None if mask is None else (mask if mask.ndim == 3 else mask.reshape(-1, *mask.shape[-2:]))
         self._token_cache: dict = {}
         self._mask_cache: dict = {}
 
     def stacked_tokens(self, name: Hashable, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``[2, T, C]`` on ``device``: row 0 the cond tokens, row 1 the uncond ones (cached)."""
+        """``[2, T, C]`` on ``device``: row 0 the cond tokens, row 1 the uncond ones (cached); unfolded:
+        ``[N + N_uncond, T, C]``, the references' then the negatives'."""
         key = (name, device, dtype)
         t = self._token_cache.get(key)
         if t is None:
@@ -140,6 +152,23 @@ class TokenPatch(SitePatch):
             t = torch.cat([c, u]).to(device=device, dtype=dtype)
             self._token_cache[key] = t
         return t
+
+    def rows(self, name: Hashable, stacked: torch.Tensor, chunks: Sequence[int], batch: int,
+             frames: Sequence[int] | None = None) -> torch.Tensor:
+        """``stacked`` (:meth:`stacked_tokens`, or a per-row function of it such as its keys) laid out as the batch:
+        ``[len(chunks) * batch, ...]``; unfolded, latent j's rows take reference ``min(frame_j, N - 1)``."""
+        if not self.unfold:
+            return self.batch_rows(stacked, chunks, batch)
+        n = self.tokens[name][0].shape[0]
+        nu = stacked.shape[0] - n
+        frame = list(frames) if frames is not None and len(frames) == batch else list(range(batch))
+        key = ("rows", tuple(chunks), tuple(frame), n, nu, stacked.device)
+        index = self._token_cache.get(key)
+        if index is None:
+            ref = [min(f, n - 1) for f in frame]
+            index = torch.tensor([(n + (min(r, nu - 1)) if c == 1 else r) for c in chunks for r in ref], device=stacked.device)
+            self._token_cache[key] = index
+        return stacked.index_select(0, index)
 
     @staticmethod
     def batch_rows(pair: torch.Tensor, chunks: Sequence[int], batch: int) -> torch.Tensor:
@@ -154,12 +183,17 @@ class TokenPatch(SitePatch):
         self._token_cache.clear()
         self._mask_cache.clear()
 
-    def resized_mask(self, grid: tuple[int, int], batch: int, chunks: Sequence[int], device, dtype) -> torch.Tensor:
-        """The mask on this level's token grid: ``[len(chunks) * batch, h*w, 1]``, cached per resolution."""
-        key = (grid, batch, tuple(chunks), device, dtype)
+    def resized_mask(self, grid: tuple[int, int], batch: int, chunks: Sequence[int], device, dtype,
+                     frames: Sequence[int] | None = None) -> torch.Tensor:
+        """The mask on this level's token grid: ``[len(chunks) * batch, h*w, 1]``, cached per resolution. Under a
+        context window (``frames``), a mask per latent of the whole batch gives the window's latents theirs."""
+        frames = tuple(frames) if frames is not None and len(frames) == batch else None
+        key = (grid, batch, tuple(chunks), device, dtype, frames)
         m = self._mask_cache.get(key)
         if m is None:
             mask = self.mask
+            if frames is not None and mask.shape[0] > 1 and mask.shape[0] != batch:
+                mask = mask[[min(f, mask.shape[0] - 1) for f in frames]]
             if mask.shape[0] not in (1, batch):
                 raise ValueError(f"the attention mask has {mask.shape[0]} frames but the latent batch has {batch}: "
                                  f"give one mask, or one per latent")
@@ -175,4 +209,5 @@ class TokenPatch(SitePatch):
         if self.mask is None or call.latent_hw is None:
             return delta
         grid = token_grid(tuple(call.latent_hw), delta.shape[1])
-        return delta * self.resized_mask(grid, delta.shape[0] // len(call.chunks), call.chunks, delta.device, delta.dtype)
+        return delta * self.resized_mask(grid, delta.shape[0] // len(call.chunks), call.chunks, delta.device, delta.dtype,
+                                         call.frames)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .attention import SiteCall, TokenPatch, attention, ip_attention
 from .checkpoints import CheckpointError, check_weights, load_exact, load_file, split_prefixes
-from .layers import LAYOUT_NAMES, LAYOUTS, Site, Transformer, check_sites
+from .layers import ALT, LAYOUT_NAMES, LAYOUTS, MAIN, NEGATED, Site, Transformer, check_sites
 
 # Prefixes of the two parts in flat (.safetensors) files; ComfyUI_IPAdapter_plus also accepts "adapter_modules.".
 CHECKPOINT_PARTS = {"image_proj": ("image_proj.",), "ip_adapter": ("ip_adapter.", "adapter_modules.")}
@@ -521,6 +521,36 @@ def project_images(
     return tok_c.reshape(1, -1, tok_c.shape[-1]), tok_u.reshape(1, -1, tok_u.shape[-1])
 
 
+# The Combine Embeds node's methods, with ComfyUI_IPAdapter_plus' semantics (``IPAdapterCombineEmbeds``: every
+# input's rows are stacked, then reduced over the rows): add = sum, subtract = first row - mean of the others,
+# average = mean, norm average = mean of the rows divided by their norm over the rows (dim 0, as that node does; not
+# the per-image normalisation of the Apply nodes' "norm average"), max / min = element-wise over the rows.
+EMBEDS_COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average", "max", "min")
+
+
+def combine_rows(rows: torch.Tensor, method: str) -> torch.Tensor:
+    """Reduce stacked embeds ``[N, ...]`` to ``[1, ...]`` (``concat``: unchanged) by ``method``."""
+    if method == "concat":
+        return rows
+    if method == "add":
+        out = rows.sum(dim=0)
+    elif method == "subtract":
+        if rows.shape[0] < 2:
+            raise ValueError("'subtract' needs at least two embeds rows (the first minus the mean of the others)")
+        out = rows[0] - rows[1:].mean(dim=0)
+    elif method == "average":
+        out = rows.mean(dim=0)
+    elif method == "norm average":
+        out = torch.nan_to_num(rows / rows.norm(dim=0, keepdim=True)).mean(dim=0)  # zero columns (a zero uncond) stay 0
+    elif method == "max":
+        out = rows.max(dim=0).values
+    elif method == "min":
+        out = rows.min(dim=0).values
+    else:
+        raise ValueError(f"unknown combine method {method!r}; expected one of {EMBEDS_COMBINE_METHODS}")
+    return out.unsqueeze(0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One application of an adapter to a model, host-free
 
@@ -529,9 +559,10 @@ class IPAdapterPatch(TokenPatch):
     """Everything one Apply node adds to a model, independent of the host (the :class:`~.attention.SitePatch`
     protocol; the shared token / row / mask handling is :class:`~.attention.TokenPatch`'s).
 
-    ``site_weights`` maps adapter index -> (weight, use_alt). Sites missing from it (or with weight 0) are skipped.
-    ``alt`` holds the tokens of the second image of "style and composition" (token set ``True``; the main image's
-    is ``False``).
+    ``site_weights`` maps adapter index -> (weight, token set). Sites missing from it (or with weight 0) are skipped.
+    The token sets (models/layers.py): ``MAIN`` the reference, ``ALT`` the second image of "style and composition"
+    (``alt``), ``NEGATED`` the reference as a negative (zero tokens in the cond rows, the reference in the uncond
+    rows: the "precise" weight types). ``unfold``: one token set per reference, reference i for latent i.
     """
 
     def __init__(
@@ -539,12 +570,16 @@ class IPAdapterPatch(TokenPatch):
         adapter: IPAdapterModel,
         cond: torch.Tensor,
         uncond: torch.Tensor,
-        site_weights: dict[int, tuple[float, bool]],
+        site_weights: dict[int, tuple[float, bool | str]],
         scaling: str = "V only",
         alt: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        unfold: bool = False,
     ):
-        super().__init__({False: (cond, uncond), **({True: alt} if alt is not None else {})}, mask)
+        tokens = {MAIN: (cond, uncond), **({ALT: alt} if alt is not None else {})}
+        if any(key == NEGATED for _, key in site_weights.values()):
+            tokens[NEGATED] = (torch.zeros_like(cond), cond)
+        super().__init__(tokens, mask, unfold)
         self.adapter = adapter
         self.site_weights = {k: v for k, v in site_weights.items() if v[0] != 0.0}
         self.scaling = scaling
@@ -557,15 +592,15 @@ class IPAdapterPatch(TokenPatch):
         wt = self.site_weights.get(index)
         if wt is None:
             return None
-        weight, use_alt = wt
+        weight, key = wt
         layer = self.adapter.ip_layers[index]
-        tokens = self.stacked_tokens(use_alt, q.device, q.dtype)
+        tokens = self.stacked_tokens(key, q.device, q.dtype)
         wk, wv = layer.to_k_ip.weight, layer.to_v_ip.weight
         if wk.device != q.device or wk.dtype != q.dtype:  # only when the host did not load the adapter for us
             wk, wv = wk.to(q.device, q.dtype), wv.to(q.device, q.dtype)
         batch = q.shape[0] // len(call.chunks)
-        ip_k = self.batch_rows(F.linear(tokens, wk), call.chunks, batch)  # [2, T, width] -> [B, T, width]
-        ip_v = self.batch_rows(F.linear(tokens, wv), call.chunks, batch)
+        ip_k = self.rows(key, F.linear(tokens, wk), call.chunks, batch, call.frames)  # [2, T, width] -> [B, T, width]
+        ip_v = self.rows(key, F.linear(tokens, wv), call.chunks, batch, call.frames)
         return self.masked(ip_attention(q, ip_k, ip_v, call.heads, weight, self.scaling, call.attn), call)
 
 

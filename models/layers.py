@@ -13,6 +13,7 @@ k-th cross-attention site in that order carries the keys ``f"{2k+1}.to_k_ip.weig
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # diffusers registers down_blocks and up_blocks before mid_block, so attn_processors lists the mid block last.
@@ -131,7 +132,16 @@ WEIGHT_TYPES = (
     "strong style transfer",
     "composition",
     "style and composition",
+    "style transfer precise",
+    "composition precise",
 )
+# Token sets a layer can attend to: the reference (MAIN), the second image of "style and composition" (ALT), or the
+# reference as a *negative* (NEGATED: the cond pass attends to zero tokens and the uncond pass to the reference),
+# which the "precise" types use on the layers they push away from (ComfyUI_IPAdapter_plus ``CrossAttentionPatch.py``:
+# ``uncond = cond; cond = cond * 0``).
+MAIN, ALT, NEGATED = False, True, "negated"
+# "composition precise" keeps the other layers at this fraction of its boost (``weight * .1`` there).
+PRECISE_OTHER_FACTOR = 0.1
 
 
 def layer_weights(
@@ -148,16 +158,32 @@ def layer_weights(
     "style and composition".
     """
     n = len(transformers)
-    out: dict[int, tuple[float, bool]] = {}
-    if weight_type in ("style transfer", "strong style transfer", "composition", "style and composition"):
+    out: dict[int, tuple[float, bool | str]] = {}
+    if weight_type in ("style transfer", "strong style transfer", "composition", "style and composition",
+                       "style transfer precise", "composition precise"):
         if layout not in STYLE_LAYERS:
             raise ValueError(f"weight type {weight_type!r} has layer tables for SD1.5 and SDXL only, not {layout!r}")
+        comp = COMPOSITION_LAYERS[layout]
         if weight_type == "composition":
-            return {t: (weight * f, False) for t, f in COMPOSITION_LAYERS[layout].items()}
+            return {t: (weight * f, MAIN) for t, f in comp.items()}
+        if weight_type == "style transfer precise":  # style layers, and the composition layers pushed away by the boost
+            out = {t: (weight * f, MAIN) for t, f in STYLE_LAYERS[layout].items()}
+            out.update({t: (composition_weight * f, NEGATED) for t, f in comp.items()})
+            return out
+        if weight_type == "composition precise":  # composition layers; every other layer pushed away, style at the boost
+            style = STYLE_LAYERS[layout] if layout == "sdxl" else {}
+            out = {t: (composition_weight * (1.0 if t in style else PRECISE_OTHER_FACTOR), NEGATED)
+                   for t in range(n) if t not in comp}
+            if layout == "sd15":  # the SD1.5 table keeps the style layers at the boost, the middle and the first
+                # output layers at a tenth (IPAdapterPlus.py ``composition precise``)
+                out = {t: (composition_weight * (PRECISE_OTHER_FACTOR if 6 <= t <= 8 else 1.0), NEGATED)
+                       for t in range(n) if t not in comp}
+            out.update({t: (weight * f, MAIN) for t, f in comp.items()})
+            return out
         table = STRONG_STYLE_LAYERS if weight_type == "strong style transfer" else STYLE_LAYERS
-        out = {t: (weight * f, False) for t, f in table[layout].items()}
+        out = {t: (weight * f, MAIN) for t, f in table[layout].items()}
         if weight_type == "style and composition":
-            out.update({t: (composition_weight * f, True) for t, f in COMPOSITION_LAYERS[layout].items()})
+            out.update({t: (composition_weight * f, ALT) for t, f in comp.items()})
         return out
     for t_idx, t in enumerate(transformers):
         w = weight
@@ -174,5 +200,45 @@ def layer_weights(
                 w = weight * WEAK_FACTOR
         elif weight_type != "linear":
             raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
-        out[t_idx] = (w, False)
+        out[t_idx] = (w, MAIN)
+    return out
+
+
+LAYER_INDEXING = ("cross-attention layer", "transformer")
+
+
+def parse_layer_weights(text: str, count: int, what: str = "cross-attention layer") -> dict[int, float]:
+    """Per-layer weights from a node's text: a list of ``count`` numbers (``"1, 0.5, 0, ..."``: one per layer, in
+    execution order), or ``index:weight`` pairs (``"3:1.0, 6:0.5"``; ComfyUI_IPAdapter_plus' Mad Scientist format;
+    the layers not named get nothing). Commas, spaces or new lines separate entries."""
+    items = [x for x in text.replace("\n", ",").replace(";", ",").split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"layer_weights is empty: give {count} numbers (one per {what}) or index:weight pairs")
+    out: dict[int, float] = {}
+    if all(":" in x for x in items):
+        for x in items:
+            k, _, v = x.partition(":")
+            try:
+                i, w = int(k.strip()), float(v.strip())
+            except ValueError:
+                raise ValueError(f"layer_weights: {x.strip()!r} is not index:weight (e.g. 3:0.8)") from None
+            if not 0 <= i < count:
+                raise ValueError(f"layer_weights: {what} {i} does not exist; this model has {count} (0 to {count - 1})")
+            if i in out:
+                raise ValueError(f"layer_weights: {what} {i} is given twice")
+            out[i] = w
+    elif any(":" in x for x in items):
+        raise ValueError("layer_weights mixes index:weight pairs and plain numbers: use one form")
+    else:
+        try:
+            values = [float(x) for x in items]
+        except ValueError as e:
+            raise ValueError(f"layer_weights: {e}; expected numbers separated by commas") from None
+        if len(values) != count:
+            raise ValueError(f"layer_weights lists {len(values)} weights but this model has {count} {what}s: give "
+                             f"{count} numbers, or index:weight pairs")
+        out = dict(enumerate(values))
+    for i, w in out.items():
+        if not math.isfinite(w):
+            raise ValueError(f"layer_weights: the weight of {what} {i} is not a finite number")
     return out

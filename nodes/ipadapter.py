@@ -19,7 +19,7 @@ from ..models.ipadapter import (
     load_adapter,
     project_images,
 )
-from ..models.layers import WEIGHT_TYPES, layer_weights
+from ..models.layers import LAYER_INDEXING, MAIN, WEIGHT_TYPES, layer_weights, parse_layer_weights
 from .comfy import flux, folders, unet, vision, weights
 from .common import checked_attn_mask, checked_tokens, embeds_files, flux_gate, fraction_input, patch_model, save_embeds, weight_input
 
@@ -38,6 +38,7 @@ class LoadedIPAdapter:
     name: str
     model: IPAdapterModel
     patcher: object
+    plus_version: str | None = None  # FaceID Plus "v1" / "v2" when the unified loader's preset says it
 
     @property
     def spec(self):
@@ -79,7 +80,7 @@ class PersonalizeIPAdapterLoader:
         return (LoadedIPAdapter(ipadapter_file, model, weights.adapter_patcher(model)),)
 
 
-def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_negative=None) -> IPAEmbeds:
+def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_negative=None, batch_size: int = 0) -> IPAEmbeds:
     spec = ipadapter.spec
     if image is None:
         raise ValueError("IP-Adapter: no reference image")
@@ -88,10 +89,10 @@ def _encode(ipadapter: LoadedIPAdapter, clip_vision, image: torch.Tensor, image_
     if width != spec.clip_dim:
         raise ValueError(f"CLIP vision/adapter mismatch: the CLIP vision model gives {spec.feature} of width {width}, "
                          f"but {spec.describe()} needs width {spec.clip_dim}: load {spec.expected_clip_vision}")
-    cond = vision.encode_clip_vision(clip_vision, image, spec.feature)
+    cond = vision.encode_clip_vision(clip_vision, image, spec.feature, batch_size)
     if image_negative is not None:
         check_image(image_negative, "image_negative")
-        uncond = vision.encode_clip_vision(clip_vision, image_negative, spec.feature)
+        uncond = vision.encode_clip_vision(clip_vision, image_negative, spec.feature, batch_size)
     elif spec.info.negative == "zeros":
         uncond = torch.zeros_like(cond[:1])  # official uncond for global-embedding adapters: zero embeddings
     elif spec.info.negative == "black image":
@@ -125,7 +126,8 @@ def _apply_controls() -> dict:
         "weight": weight_input("Strength of the image prompt; 0 leaves the model untouched."),
         "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": "How the weight is spread over the "
                         "layers. 'style transfer' / 'composition' use only the style or layout layers "
-                        "(InstantStyle); 'style and composition' takes a second image for layout."}),
+                        "(InstantStyle); 'style and composition' takes a second image for layout; the 'precise' types "
+                        "also push the reference away from the other layers (its image as the negative there)."}),
         "start_at": fraction_input(0.0, "Fraction of the sampling steps where the image prompt starts."),
         "end_at": fraction_input(1.0, "Fraction of the sampling steps where it stops."),
         "combine_embeds": (list(COMBINE_METHODS), {"default": "concat", "tooltip": "Several reference images: "
@@ -150,8 +152,11 @@ class _ApplyBase:
 
     @staticmethod
     def _patch(model, ipadapter, weight, weight_type, start_at, end_at, embeds_scaling, attn_mask, project,
-               composition_weight=1.0, project_alt=None):
-        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone."""
+               composition_weight=1.0, project_alt=None, layer_weight_text=None, layer_indexing=LAYER_INDEXING[0],
+               unfold=False):
+        """Check the pairing, project (``project()`` -> (cond, uncond) tokens) and put the patch on a clone.
+        ``layer_weight_text``: explicit weights per cross-attention layer (or per transformer), times ``weight``,
+        instead of the weight type's; ``unfold``: one token set per reference (reference i for latent i)."""
         if ipadapter.spec.layout == "flux":
             raise ValueError(f"{ipadapter.name} is an {ipadapter.spec.name}: use 'Apply IP-Adapter Flux (Personalize)' on a Flux model")
         check_number(weight, "weight")
@@ -161,15 +166,23 @@ class _ApplyBase:
         def build(transformers, model_sites):
             tokens = checked_tokens(project(), f"the image tokens of {ipadapter.name}")
             alt = checked_tokens(project_alt(), f"the image tokens of {ipadapter.name}") if project_alt else None
-            per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
-            site_weights = {s.adapter_index: per_transformer[s.transformer_index]
-                            for s in model_sites if s.transformer_index in per_transformer}
-            return IPAdapterPatch(ipadapter.model, *tokens, site_weights, embeds_scaling, alt=alt, mask=mask)
+            if layer_weight_text is not None:
+                by_site = layer_indexing == LAYER_INDEXING[0]
+                count = len(model_sites) if by_site else len(transformers)
+                given = parse_layer_weights(layer_weight_text, count, layer_indexing)
+                site_weights = {s.adapter_index: (weight * given[i if by_site else s.transformer_index], MAIN)
+                                for i, s in enumerate(model_sites) if (i if by_site else s.transformer_index) in given}
+            else:
+                per_transformer = layer_weights(weight_type, transformers, ipadapter.spec.layout, weight, composition_weight)
+                site_weights = {s.adapter_index: per_transformer[s.transformer_index]
+                                for s in model_sites if s.transformer_index in per_transformer}
+            return IPAdapterPatch(ipadapter.model, *tokens, site_weights, embeds_scaling, alt=alt, mask=mask, unfold=unfold)
 
         out, patch, model_sites = patch_model(model, ipadapter.patcher,
                                               lambda t, s, c: check_model(ipadapter.spec, t, s, c), build, start_at, end_at)
-        log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g)", ipadapter.name,
-                 len(patch.site_weights), len(model_sites), weight_type, weight)
+        log.info("IP-Adapter %s applied on %d of %d cross-attention layers (%s, weight %.3g%s)", ipadapter.name,
+                 len(patch.site_weights), len(model_sites), "layer weights" if layer_weight_text is not None else weight_type,
+                 weight, ", unfolded" if unfold else "")
         return out
 
 
@@ -190,7 +203,10 @@ class PersonalizeIPAdapterApply(_ApplyBase):
                 "attn_mask": IN_MASK,
                 "composition_image": ("IMAGE", {"tooltip": "Layout reference for weight type 'style and composition'."}),
                 "composition_embeds": (EMBEDS, {"tooltip": "Layout reference embeds for 'style and composition'."}),
-                "composition_weight": weight_input("Strength of the layout reference in 'style and composition'."),
+                "composition_weight": weight_input("'style and composition': strength of the layout reference; "
+                                                   "'style transfer precise' / 'composition precise': the boost of the "
+                                                   "layers the reference is pushed away from (the popular pack's "
+                                                   "style_boost / composition_boost)."),
             },
         }
 
@@ -296,11 +312,12 @@ class PersonalizeIPAdapterFaceIDApply(_ApplyBase):
             clip = (vision.encode_clip_vision(clip_vision, face_embeds.crops, "penultimate"),
                     vision.blank_clip_features(clip_vision, "penultimate"))
         if family.shortcut_versions:
-            version = plus_version if plus_version != PLUS_VERSIONS[0] else (
-                "v2" if PLUS_V2_NAME_HINT in ipadapter.name.lower().replace("-", "").replace("_", "") else "v1")
+            version = plus_version if plus_version != PLUS_VERSIONS[0] else (ipadapter.plus_version or (
+                "v2" if PLUS_V2_NAME_HINT in ipadapter.name.lower().replace("-", "").replace("_", "") else "v1"))
             shortcut = shortcut_weight if version == "v2" else None
             info.append(f"FaceID Plus {version}" + (f" (shortcut weight {shortcut_weight:g})" if shortcut is not None else "")
-                        + (" from the file name" if plus_version == PLUS_VERSIONS[0] else ""))
+                        + ("" if plus_version != PLUS_VERSIONS[0] else " from the preset" if ipadapter.plus_version
+                           else " from the file name"))
         uncond = torch.zeros_like(ids[:1])  # official uncond: the projection of a zero embedding
         pack = getattr(face_embeds, "pack", None)
         if family.face_pack and pack and pack != family.face_pack:

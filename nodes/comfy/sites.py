@@ -124,9 +124,11 @@ class SiteCallback:
 
     def __call__(self, out, q, k, v, extra_options, **kwargs):
         shape = extra_options.get("original_shape")
+        window = extra_options.get("context_window")  # ComfyUI's context windows: the latents this call holds
+        frames = window.index_list if window is not None and getattr(window, "dim", 0) == 0 else None
         call = SiteCall(extra_options["n_heads"], extra_options["cond_or_uncond"],
                         attn=lambda q_, k_, v_, heads: attend(q_, k_, v_, extra_options),
-                        latent_hw=tuple(shape[-2:]) if shape is not None else None)
+                        latent_hw=tuple(shape[-2:]) if shape is not None else None, frames=frames)
         delta = self.patch.delta(self.index, q, out, call)
         return 0.0 if delta is None else delta
 

@@ -219,3 +219,12 @@ def plain_context(clip, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     negative and feature-pass context)."""
     cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
     return cond.detach().float().clone(), pooled.detach().float().clone()
+
+
+def masked_conditioning(conditioning: list, mask: torch.Tensor, strength: float) -> list:
+    """ComfyUI CONDITIONING confined to ``mask`` (ComfyUI's own ``conditioning_set_values`` with the mask, its
+    strength, and no area: what the core "Conditioning (Set Mask)" node does with set_cond_area "default")."""
+    import node_helpers
+
+    return node_helpers.conditioning_set_values(conditioning, {"mask": mask, "set_area_to_bounds": False,
+                                                               "mask_strength": float(strength)})

@@ -23,10 +23,28 @@ def clip_vision_width(clip_vision, feature: str) -> int:
     return m.vision_model.embeddings.class_embedding.shape[0]
 
 
-def encode_clip_vision(clip_vision, image: torch.Tensor, feature: str) -> torch.Tensor:
-    """CLIP features of a ComfyUI IMAGE batch ``[N, H, W, C]``: ``image_embeds`` or the penultimate hidden states."""
-    out = clip_vision.encode_image(image, crop=True)
-    return (out["image_embeds"] if feature == "image_embeds" else out["penultimate_hidden_states"]).float()
+def encode_clip_vision(clip_vision, image: torch.Tensor, feature: str, batch_size: int = 0) -> torch.Tensor:
+    """CLIP features of a ComfyUI IMAGE batch ``[N, H, W, C]``: ``image_embeds`` or the penultimate hidden states.
+    ``batch_size`` > 0 encodes that many images at a time and parks each result on ComfyUI's intermediate device
+    (long animation batches: the encoder's activations for all images at once need not fit)."""
+    step = batch_size if batch_size > 0 else image.shape[0]
+    parts = []
+    for i in range(0, image.shape[0], step):
+        out = clip_vision.encode_image(image[i:i + step], crop=True)
+        parts.append((out["image_embeds"] if feature == "image_embeds" else out["penultimate_hidden_states"]).float()
+                     .to(mm.intermediate_device()))
+        del out
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def load_clip_vision(path: str):
+    """A CLIP_VISION model from a file, as ComfyUI's CLIPVisionLoader loads it."""
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.load(path)
+    if model is None:
+        raise ValueError(f"{path} is not a CLIP vision model ComfyUI can load")
+    return model
 
 
 def blank_clip_features(clip_vision, feature: str) -> torch.Tensor:
