@@ -102,7 +102,10 @@ def prepare_base(base: str, comfyui: str, cache_dir: str, workflows: list[str] |
             api = json.load(f)
         for _, _, folder, value in run_workflow.model_refs(api):
             sub = run_workflow.tiny_substitute(folder, value, cache_dir)
-            if folder == "insightface":  # a model pack: <root>/models/<name>/
+            if folder == "ipadapter_preset":  # the preset's files under their public names
+                for sub_folder, name in run_workflow.preset_files(value, cache_dir):  # written in the names' formats
+                    _link(os.path.join(cache_dir, sub_folder, name), os.path.join(base, "models", sub_folder, name))
+            elif folder == "insightface":  # a model pack: <root>/models/<name>/
                 _link(os.path.join(cache_dir, "insightface", "models", sub), os.path.join(base, "models", "insightface",
                                                                                       "models", value))
             elif _is_pickle_name(value) and not _is_pickle_name(sub):  # a .bin name: the same tensors as a pickle

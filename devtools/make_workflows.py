@@ -257,6 +257,77 @@ def e4t_tune_sd15() -> dict:
     return g
 
 
+def preset_loader_sd15() -> dict:
+    """The unified loader: one node picks the adapter and the CLIP vision model of a preset for the model given."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterUnifiedLoader", "inputs": {"model": ["1", 0], "preset": "plus",
+                                                                            "lora_strength": 0.6, "provider": "CPU"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "5": _apply(["2", 0], ["2", 1], ["4", 0], ["2", 2]),
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["2", 4]}},
+    }
+    _sampling(g, ["5", 0], "1", POSITIVE, 512, "personalize/ipadapter_preset")
+    _title(g, {"2": "Unified loader: preset 'plus'", "6": "Files the preset chose"})
+    return g
+
+
+def animation_unfold_sd15() -> dict:
+    """A batch of frames, each with its own reference (unfold: reference i for latent i; the last repeats)."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter_sd15.safetensors"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "8": {"class_type": "LoadImage", "inputs": {"image": REF_B}},
+        "9": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["8", 0]}},
+        "5": {"class_type": "PersonalizeIPAdapterApplyBatch", "inputs": {
+            "model": ["1", 0], "ipadapter": ["2", 0], "weight": 0.8, "weight_type": "linear", "start_at": 0.0,
+            "end_at": 1.0, "embeds_scaling": "V only", "encode_batch_size": 0, "image": ["9", 0], "clip_vision": ["3", 0]}},
+    }
+    _sampling(g, ["5", 0], "1", POSITIVE, 512, "personalize/ipadapter_unfold")
+    g["22"]["inputs"]["batch_size"] = 4
+    _title(g, {"9": "References: frame 0, frame 1 (and after)", "5": "Apply IP-Adapter Batch (unfold)",
+               "22": "4 frames"})
+    return g
+
+
+def regional_two_subjects_sd15() -> dict:
+    """Two regions, each with its own reference and its own text, beside a prompt for the whole picture."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "PersonalizeIPAdapterLoader", "inputs": {"ipadapter_file": "ip-adapter-plus_sd15.safetensors"}},
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
+        "8": {"class_type": "LoadImage", "inputs": {"image": REF_B}},
+        "10": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 512, "height": 512}},
+        "11": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 256, "height": 512}},
+        "12": {"class_type": "MaskComposite", "inputs": {"destination": ["10", 0], "source": ["11", 0], "x": 0, "y": 0,
+                                                         "operation": "add"}},
+        "13": {"class_type": "InvertMask", "inputs": {"mask": ["12", 0]}},
+        "30": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red vintage car", "clip": ["1", 1]}},
+        "31": {"class_type": "CLIPTextEncode", "inputs": {"text": "a small sailing boat", "clip": ["1", 1]}},
+    }
+    for nid, image, mask, text in (("14", "4", "12", "30"), ("15", "8", "13", "31")):
+        g[nid] = {"class_type": "PersonalizeIPAdapterRegion", "inputs": {
+            "image": [image, 0], "mask": [mask, 0], "image_weight": 0.8, "prompt_weight": 1.0, "weight_type": "linear",
+            "start_at": 0.0, "end_at": 1.0, "positive": [text, 0]}}
+    g.update({
+        "16": {"class_type": "PersonalizeIPAdapterCombineRegions", "inputs": {"regions_1": ["14", 0], "regions_2": ["15", 0]}},
+        "17": {"class_type": "PersonalizeIPAdapterApplyRegions", "inputs": {
+            "model": ["1", 0], "ipadapter": ["2", 0], "clip_vision": ["3", 0], "regions": ["16", 0],
+            "combine_embeds": "concat", "embeds_scaling": "V only"}},
+    })
+    _sampling(g, ["17", 0], "1", "two things side by side by a lake, " + POSITIVE, 512, "personalize/ipadapter_regions")
+    g["18"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["20", 0], "conditioning_2": ["14", 1]}}
+    g["19"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["18", 0], "conditioning_2": ["15", 1]}}
+    g["23"]["inputs"]["positive"] = ["19", 0]
+    _title(g, {"4": "Reference for the LEFT half", "8": "Reference for the RIGHT half", "12": "Mask: left half",
+               "13": "Mask: right half", "14": "Region: left (car)", "15": "Region: right (boat)",
+               "20": "Prompt for the whole picture", "30": "Text for the left half", "31": "Text for the right half"})
+    return g
+
+
 FLUX_CKPT = "flux1-dev-fp8.safetensors"  # Comfy-Org's all-in-one Flux.1-dev checkpoint (model, CLIP-L + T5-XXL, VAE)
 PULID_FLUX_FILE = "pulid_flux_v0.9.1.safetensors"
 XLABS_FILE = "flux-ip-adapter-v2.safetensors"  # XLabs-AI/flux-ip-adapter-v2's ip_adapter.safetensors, renamed
@@ -320,6 +391,9 @@ WORKFLOWS = {
     "pulid_sdxl_two_identities_masked": pulid_two_identities_sdxl,
     "pulid_sdxl_ipadapter_style": pulid_ipadapter_style_sdxl,
     "e4t_tune_sd15": e4t_tune_sd15,
+    "ipadapter_sd15_preset_loader": preset_loader_sd15,
+    "ipadapter_sd15_animation_unfold": animation_unfold_sd15,
+    "ipadapter_sd15_regional_two_subjects": regional_two_subjects_sd15,
     "pulid_flux": pulid_flux,
     "ipadapter_xlabs_flux": ipadapter_xlabs_flux,
 }
@@ -363,6 +437,21 @@ def models_note(api: dict) -> str:
 
     lines = ["Model files this workflow needs (ComfyUI/models/...):"]
     for _, _, folder, value in run_workflow.model_refs(api):
+        if folder == "ipadapter_preset":  # the unified loader: the files its preset looks for, per model kind
+            import pack_alias
+
+            pack_alias.register()
+            from comfyui_personalize.models.layers import LAYOUT_NAMES
+            from comfyui_personalize.models.presets import CLIP_VISION_NAMES, PRESETS
+
+            p = PRESETS[value]
+            for layout, names in p.names.items():
+                files = [("ipadapter", n) for n in names] + [("clip_vision", n) for n in CLIP_VISION_NAMES.get(
+                    p.clip.get(layout), ())] + [("loras", n) for n in p.lora_names.get(layout, ())]
+                line = (f"- the unified loader's preset '{value}' on {LAYOUT_NAMES[layout]}: " + ", ".join(f"{f}/{n}" for f, n in files)
+                        + "".join(f"\n  {MODEL_SOURCES[n]}" for _, n in files if n in MODEL_SOURCES))
+                lines.append(line)
+            continue
         where = f"{folder}/models/{value}/" if folder == "insightface" else f"{folder}/{value}" + (
             "/" if folder == "e4t" else "")
         source = MODEL_SOURCES.get(value) or FOLDER_SOURCES.get(value, "")

@@ -48,6 +48,7 @@ MODEL_INPUTS = {
     ("*", "eva_clip_file"): "eva_clip",
     ("*", "parsing_file"): "face_parsing",
     ("PersonalizeE4TLoader", "e4t_name"): "e4t",  # a folder (config.json + weights), not a file
+    ("PersonalizeIPAdapterUnifiedLoader", "preset"): "ipadapter_preset",  # the files of a preset, found by name
 }
 #: Inputs of the tuning nodes shrunk in a tiny run (a CPU smoke run of the graph, not of the training).
 _TINY_TUNING = {"PersonalizeE4TTune": {"batch_size": 2}}
@@ -154,6 +155,34 @@ def _ensure(path, writer):
     return os.path.basename(path)
 
 
+def preset_files(preset, cache_dir, seed=0):
+    """Write (once) tiny files under the public names of a unified-loader preset, for every layout it has; returns
+    ``[(folder, name)]``."""
+    import pack_alias
+    import tiny_adapters
+    import tiny_models
+
+    pack_alias.register()
+    from comfyui_personalize.models.presets import CLIP_VISION_NAMES, PRESETS
+
+    p, out = PRESETS[preset], []
+    for layout, names in p.names.items():
+        family = p.family if p.family != "base" or p.clip.get(layout) != "vit-bigG" else "vit-g"
+        kind = p.clip.get(layout, "vit-h")
+        name = names[0]
+        _ensure(os.path.join(cache_dir, "ipadapter", name),
+                lambda path, f=family, lay=layout, k=kind: tiny_adapters.write_tiny_adapter(path, f, lay, k, seed))
+        out.append(("ipadapter", name))
+        if layout in p.clip:
+            cv = CLIP_VISION_NAMES[kind][0]
+            _ensure(os.path.join(cache_dir, "clip_vision", cv), lambda path, k=kind: tiny_models.write_tiny_clip_vision(path, k, seed))
+            out.append(("clip_vision", cv))
+        for lora in p.lora_names.get(layout, ()):
+            _ensure(os.path.join(cache_dir, "loras", lora), lambda path, lay=layout: tiny_models.write_tiny_lora(path, lay, seed))
+            out.append(("loras", lora))
+    return out
+
+
 def _model_present(folder, value):
     import folder_paths
     if folder == "insightface":  # a model pack is a folder: <root>/models/<name>/*.onnx
@@ -161,6 +190,11 @@ def _model_present(folder, value):
                    for root in folder_paths.get_folder_paths(folder))
     if folder == "e4t":  # a folder holding config.json
         return any(os.path.isfile(os.path.join(root, value, "config.json")) for root in folder_paths.get_folder_paths(folder))
+    if folder == "ipadapter_preset":  # some file of the preset in models/ipadapter
+        import pack_alias
+        pack_alias.register()
+        from comfyui_personalize.models.presets import PRESETS, find_file
+        return any(find_file(folder_paths.get_filename_list("ipadapter"), pats) for pats in PRESETS[value].patterns.values())
     return folder_paths.get_full_path(folder, value) is not None
 
 
@@ -208,6 +242,11 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         layout = checkpoint_layout(value)
         return _ensure(os.path.join(out_dir, f"tiny_lora_{layout}.safetensors"),
                        lambda p: tiny_models.write_tiny_lora(p, layout, seed))
+    if folder == "ipadapter_preset":
+        preset_files(value, cache_dir, seed)
+        for sub in ("ipadapter", "clip_vision", "loras"):
+            folder_paths_cache_clear(sub)
+        return value
     if folder == "e4t":
         import tiny_e4t
         path = os.path.join(out_dir, value)
@@ -236,6 +275,11 @@ def tiny_substitute(folder, value, cache_dir, seed=0):
         path = os.path.join(out_dir, f"tiny_{stem}_{clip_kind}.safetensors")
         return _ensure(path, lambda p: tiny_adapters.write_tiny_adapter(p, family, layout, clip_kind, seed))
     raise SystemExit(f"no tiny substitute for model folder {folder!r} (file {value!r}); add one to run_workflow.py")
+
+
+def folder_paths_cache_clear(folder):
+    import folder_paths
+    folder_paths.filename_list_cache.pop(folder, None)
 
 
 def _sources(api, node_id):

@@ -93,6 +93,11 @@ def test_workflow_says_which_files_it_needs_and_where_to_get_them(comfy, runner,
     text = notes[0]["widgets_values"][0]
     by_id = {str(n["id"]): n for n in ui["nodes"]}
     for node_id, _, folder, value in runner.model_refs(api):
+        if folder == "ipadapter_preset":  # the unified loader: the preset's public files, per model kind
+            from comfyui_personalize.models.presets import PRESETS
+
+            assert f"preset '{value}'" in text and all(n in text for ns in PRESETS[value].names.values() for n in ns)
+            continue
         assert f"{folder}/" in text and value in text, f"the note does not list {folder}/{value}"
         url = make_workflows.MODEL_SOURCES.get(value)
         if url is not None:
