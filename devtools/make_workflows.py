@@ -265,10 +265,9 @@ def preset_loader_sd15() -> dict:
                                                                             "lora_strength": 0.6, "provider": "CPU"}},
         "4": {"class_type": "LoadImage", "inputs": {"image": REF_A}},
         "5": _apply(["2", 0], ["2", 1], ["4", 0], ["2", 2]),
-        "6": {"class_type": "PreviewAny", "inputs": {"source": ["2", 4]}},
     }
     _sampling(g, ["5", 0], "1", POSITIVE, 512, "personalize/ipadapter_preset")
-    _title(g, {"2": "Unified loader: preset 'plus'", "6": "Files the preset chose"})
+    _title(g, {"2": "Unified loader: preset"})
     return g
 
 
