@@ -119,6 +119,9 @@ class PersonalizeIPAdapterUnifiedLoader:
 
 
 def _references(ipadapter, clip_vision, image, embeds, image_negative, encode_batch_size=0) -> IPAEmbeds:
+    if ipadapter.spec.is_faceid or ipadapter.spec.layout == "flux":
+        raise ValueError(f"{ipadapter.name} is an {ipadapter.spec.name}: use 'Apply IP-Adapter "
+                         f"{'FaceID' if ipadapter.spec.is_faceid else 'Flux'} (Personalize)'")
     if embeds is not None:
         return PersonalizeIPAdapterApply._embeds(ipadapter, clip_vision, None, embeds, None, "image / embeds")
     if image is None or clip_vision is None:
