@@ -7,8 +7,9 @@ ComfyUI-Personalize's, where a mapping exists; print what could not be mapped.
 Nodes are mapped one to one (their position, title and links kept; widget values moved by name; output slots
 remapped). Where the popular pack's adapter carries its CLIP vision model inside (the unified loader), the converted
 Apply node gets a link from our loader's clip_vision output. Nodes of that pack without a counterpart, and settings
-ours do not have (a combine method or embeds scaling we lack, FaceID applies that take an image instead of face
-embeds), are left as they are and reported; nothing else in the workflow is touched. The table below is the README's
+ours do not have (a combine method or embeds scaling we lack), are left as they are and reported; a FaceID apply
+(which takes an image where ours takes face embeds) gets a Face Embed node before it; nothing else in the workflow is
+touched. The table below is the README's
 migration table in code.
 """
 from __future__ import annotations
@@ -135,11 +136,16 @@ MAPPINGS: dict[str, Mapping] = {
                                    inputs={"ipadapter_params": "regions"}, check=_apply_check,
                                    drop=("image_negative",)),
 }
+# IPAdapterFaceID: ours takes face embeds, so a Face Embed node is put before it (the image and the face analysis go
+# there). Their FaceID node takes the first face insightface returns (sorted by score): "highest score" here.
+FACEID_WIDGETS = ("weight", "weight_faceidv2", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling")
+OUR_FACEID_WIDGETS = ("weight", "weight_type", "start_at", "end_at", "combine_embeds", "embeds_scaling", "lora_name",
+                      "lora_strength", "plus_version", "shortcut_weight")
+FACE_EMBED = ("PersonalizeFaceEmbed", ["highest score", 0, 224])  # selection, face_index, crop_size
+FACE_ANALYSIS_SLOT = 3  # our unified loader's face_analysis output
 # Their nodes with no counterpart here, and why (reported, left as they are).
 UNMAPPED = {
-    "IPAdapterFaceID": "takes an image and insightface; ours takes face embeds: add 'Face Embed (Personalize)' and "
-                       "'Apply IP-Adapter FaceID (Personalize)'",
-    "IPAAdapterFaceIDBatch": "as IPAdapterFaceID", "IPAdapterFaceIDKolors": "Kolors is not supported",
+    "IPAAdapterFaceIDBatch": "no FaceID batch variant: use 'Apply IP-Adapter FaceID'", "IPAdapterFaceIDKolors": "Kolors is not supported",
     "IPAdapterUnifiedLoaderCommunity": "Kolors / composition community presets: load the file with 'Load IP-Adapter'",
     "IPAdapterEncoder": "our 'IP-Adapter Encode' gives one embeds output (cond + negative) and has no weight / mask",
     "IPAdapterEmbeds": "use 'Apply IP-Adapter' with its embeds input", "IPAdapterEmbedsBatch": "as IPAdapterEmbeds",
@@ -157,6 +163,63 @@ CLIP_VISION_SLOT = 2
 LOADERS = ("IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID")
 
 
+def _faceid(ui: dict, nodes: dict, links: dict, loaders: set, nid: int, report: list[str]) -> None:
+    """IPAdapterFaceID -> a Face Embed node (image, face analysis) feeding 'Apply IP-Adapter FaceID'."""
+    node = nodes[nid]
+    given = dict(zip(FACEID_WIDGETS, node.get("widgets_values") or []))
+    inputs = {i["name"]: i for i in node.get("inputs") or []}
+    image, face = inputs.get("image"), inputs.get("insightface")
+    ipa = inputs.get("ipadapter")
+    source = None  # (node, slot) of the face analysis
+    if face is not None and face.get("link") is not None:
+        link = links[face["link"]]
+        source = (link[1], link[2])
+        links.pop(face["link"])
+    elif ipa is not None and ipa.get("link") is not None and links[ipa["link"]][1] in loaders:
+        source = (links[ipa["link"]][1], FACE_ANALYSIS_SLOT)
+    if image is None or image.get("link") is None or source is None:
+        report.append(f"node {nid} (IPAdapterFaceID): not converted: it needs its image and a face analysis "
+                      "(an insightface loader or the unified FaceID loader)")
+        return
+    new = max(nodes) + 1
+    next_link = max(links, default=0) + 1
+    image_link = links[image["link"]]
+    image_link[3], image_link[4] = new, 1  # the picture now goes to the Face Embed node
+    links[next_link] = [next_link, source[0], source[1], new, 0, "PERSONALIZE_FACE_ANALYSIS"]
+    links[next_link + 1] = [next_link + 1, new, 0, nid, 0, "PERSONALIZE_FACE_EMBEDS"]
+    origin_outputs = nodes[source[0]].setdefault("outputs", [])
+    while len(origin_outputs) <= source[1]:
+        origin_outputs.append({"name": "face_analysis", "type": "*", "links": []})
+    origin_outputs[source[1]].setdefault("links", []).append(next_link)
+    origin_outputs[source[1]].update(type="PERSONALIZE_FACE_ANALYSIS", slot_index=source[1])
+    kind, widgets = FACE_EMBED
+    x, y = (node.get("pos") or [0, 0])[:2]
+    embed = {"id": new, "type": kind, "pos": [x - 340, y + 260], "size": [320, 170], "flags": {}, "order": node.get("order", 0),
+             "mode": 0, "inputs": [{"name": "face_analysis", "type": "PERSONALIZE_FACE_ANALYSIS", "link": next_link},
+                                   {"name": "image", "type": "IMAGE", "link": image_link[0]}],
+             "outputs": [{"name": "face_embeds", "type": "PERSONALIZE_FACE_EMBEDS", "links": [next_link + 1], "slot_index": 0},
+                         {"name": "face_crop", "type": "IMAGE", "links": []}, {"name": "preview", "type": "IMAGE", "links": []}],
+             "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets)}
+    ui["nodes"].append(embed)
+    nodes[new] = embed
+    keep = ("model", "ipadapter", "clip_vision", "attn_mask")
+    for i in node["inputs"]:
+        if i["name"] not in keep + ("image", "insightface") and i.get("link") is not None:
+            report.append(f"node {nid} (IPAdapterFaceID): input {i['name']} dropped (ours has none)")
+            links.pop(i["link"], None)
+    node["inputs"] = [i for i in node["inputs"] if i["name"] in keep]
+    node["inputs"].insert(2, {"name": "face_embeds", "type": "PERSONALIZE_FACE_EMBEDS", "link": next_link + 1})
+    values = _apply_values(given)
+    values.update(lora_name="none", lora_strength=1.0, plus_version="auto (from file name)",
+                  shortcut_weight=given.get("weight_faceidv2", 1.0))
+    node["type"] = "PersonalizeIPAdapterFaceIDApply"
+    node["widgets_values"] = [values[n] for n in OUR_FACEID_WIDGETS]
+    node.setdefault("properties", {})["Node name for S&R"] = node["type"]
+    report += [f"node {nid} (IPAdapterFaceID): {w}" for w in _apply_check(given)]
+    report.append(f"node {nid}: IPAdapterFaceID -> PersonalizeIPAdapterFaceIDApply, with a Face Embed node (node {new}; "
+                  "the face with the highest score, crop 224: set 256 for SDXL FaceID Plus v2)")
+
+
 def convert(ui: dict) -> tuple[dict, list[str]]:
     """``(converted copy, report lines)``."""
     ui = copy.deepcopy(ui)
@@ -164,6 +227,8 @@ def convert(ui: dict) -> tuple[dict, list[str]]:
     nodes = {n["id"]: n for n in ui.get("nodes", [])}
     links = {link[0]: link for link in ui.get("links", [])}
     loaders = {nid for nid, n in nodes.items() if n.get("type") in LOADERS}
+    for nid in [nid for nid, n in nodes.items() if n.get("type") == "IPAdapterFaceID"]:
+        _faceid(ui, nodes, links, loaders, nid, report)
     for nid, node in nodes.items():
         kind = node.get("type")
         m = MAPPINGS.get(kind)
@@ -197,7 +262,8 @@ def convert(ui: dict) -> tuple[dict, list[str]]:
     for nid, node in nodes.items():  # the unified loader's CLIP vision into the nodes that take its adapter
         names = {i["name"]: i for i in node.get("inputs") or []}
         ipa, cv = names.get("ipadapter"), names.get("clip_vision")
-        if not node.get("type", "").startswith("PersonalizeIPAdapterApply") or ipa is None or ipa.get("link") is None:
+        applies = node.get("type", "").startswith("PersonalizeIPAdapterApply") or node.get("type") == "PersonalizeIPAdapterFaceIDApply"
+        if not applies or ipa is None or ipa.get("link") is None:
             continue
         origin = links.get(ipa["link"])
         if origin is None or origin[1] not in loaders or (cv is not None and cv.get("link") is not None):
@@ -218,8 +284,13 @@ def convert(ui: dict) -> tuple[dict, list[str]]:
         if node.get("type") == "PersonalizeIPAdapterRegion" and not any(
                 i["name"] == "mask" and i.get("link") is not None for i in node.get("inputs") or []):
             report.append(f"node {nid}: a region needs a mask here (the popular node's was optional): connect one")
+    for node in nodes.values():  # no output keeps a link that was dropped
+        for out in node.get("outputs") or []:
+            if out.get("links"):
+                out["links"] = [lid for lid in out["links"] if lid in links]
     ui["links"] = list(links.values())
     ui["last_link_id"] = max([ui.get("last_link_id", 0)] + list(links))
+    ui["last_node_id"] = max([ui.get("last_node_id", 0)] + list(nodes))
     return ui, report
 
 

@@ -152,3 +152,24 @@ def test_regional_conditioning_and_the_tools(host):
     assert api[str(fp)]["inputs"]["regions"] == [str(comb), 0] and "image_negative" not in api[str(fp)]["inputs"]
     assert api[str(prep)]["inputs"]["crop_position"] == "top" and api[str(noise)]["inputs"]["seed"] == 0
     assert any("image_negative dropped" in r for r in report)
+
+
+def test_a_faceid_apply_gets_a_face_embed_node(host):
+    g = Graph()
+    ck, img = base(g, "tiny_sd15.safetensors")
+    loader = g.add("IPAdapterUnifiedLoaderFaceID", ["FACEID PLUS V2", 0.7, "CPU"], {"model": (ck, 0, "MODEL")},
+                   [("MODEL", "MODEL"), ("ipadapter", "IPADAPTER")], optional=[("ipadapter", "IPADAPTER")])
+    fid = g.add("IPAdapterFaceID", [0.9, 1.5, "linear", "concat", 0.0, 1.0, "V only"],
+                {"model": (loader, 0, "MODEL"), "ipadapter": (loader, 1, "IPADAPTER"), "image": (img, 0, "IMAGE")},
+                [("MODEL", "MODEL"), ("face_image", "IMAGE")], optional=[("insightface", "INSIGHTFACE")])
+    finish(g, ck, (fid, 0, "MODEL"))
+    out, report = conv.convert(g.ui())
+    api = check(host, out)
+    embed = next(k for k, v in api.items() if v["class_type"] == "PersonalizeFaceEmbed")
+    assert api[embed]["inputs"] == {"face_analysis": [str(loader), 3], "image": [str(img), 0], "selection": "highest score",
+                                    "face_index": 0, "crop_size": 224}
+    f = api[str(fid)]
+    assert f["class_type"] == "PersonalizeIPAdapterFaceIDApply" and f["inputs"]["face_embeds"] == [embed, 0]
+    assert f["inputs"]["clip_vision"] == [str(loader), 2] and f["inputs"]["shortcut_weight"] == 1.5
+    assert api[str(loader)]["inputs"]["preset"] == "FaceID Plus v2" and api[str(loader)]["inputs"]["lora_strength"] == 0.7
+    assert any("Face Embed node" in r for r in report)
