@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -94,7 +93,7 @@ def main(argv=None):
     import comfy.utils
     import nodes
     import torch
-    from ipadapter_step import fill_random_
+    from ipadapter_step import fill_random_, paired_rounds, print_ratios
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     device = torch.device(args.device)
@@ -145,20 +144,11 @@ def main(argv=None):
             peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
         return time.perf_counter() - t0
 
-    for name, m in variants.items():  # warm-up (loads the weights)
-        run(name, m)
-    times = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, m in variants.items():
-            times[k].append(run(k, m))
-    bare = statistics.median(times["bare"])
+    times = paired_rounds(variants, run, args.rounds)
     print(f"Flux (width 3072, {args.double} double + {args.single} single blocks), {args.size}x{args.size} "
           f"({(args.size // 16) ** 2} image + {TEXT_TOKENS} text tokens), cfg 1, {args.dtype}, device {device}, "
           f"torch threads {torch.get_num_threads()}, {args.rounds} rounds")
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        peak = f"  peak {peaks[k]:.2f} GiB" if k in peaks else ""
-        print(f"{k:>11}: {med:8.3f} s/step  ratio {med / bare:5.3f}x{peak}  (runs: {', '.join(f'{t:.3f}' for t in ts)})")
+    print_ratios(times, "bare", {k: f"  peak {v:.2f} GiB" for k, v in peaks.items()})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +67,7 @@ def bench_unfold(args, device) -> None:
     import comfy_host
     import nodes
     import torch
-    from ipadapter_step import build_model, write_adapters
+    from ipadapter_step import build_model, paired_rounds, print_ratios, write_adapters
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     folder = tempfile.mkdtemp(prefix="personalize_bench_ipa_")
@@ -89,7 +88,7 @@ def bench_unfold(args, device) -> None:
     cond = [[torch.randn(1, 77, 768), {}]]
     latent = {"samples": torch.zeros(args.frames, 4, args.size // 8, args.size // 8)}
 
-    def run(m):
+    def run(name, m):
         t = time.perf_counter()
         with torch.inference_mode():
             nodes.KSampler().sample(m, 0, 1, 7.0, "euler", "normal", cond, cond, latent)
@@ -97,18 +96,10 @@ def bench_unfold(args, device) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    for m in variants.values():
-        run(m)
-    times = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, m in variants.items():
-            times[k].append(run(m))
-    one = statistics.median(times["1 reference"])
+    times = paired_rounds(variants, run, args.rounds)
     print(f"SD1.5 UNet, {args.frames} latents of {args.size}x{args.size}, CFG batch, one step, device {device}, "
           f"{args.rounds} rounds")
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{k:>14}: {med:8.3f} s/step  ratio {med / one:5.3f}x  (runs: {', '.join(f'{t:.3f}' for t in ts)})")
+    print_ratios(times, "1 reference")
 
 
 def main(argv=None):

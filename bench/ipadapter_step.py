@@ -44,6 +44,28 @@ def fill_random_(module, seed: int = 0, std: float = 0.02) -> None:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
 
 
+def paired_rounds(variants: dict, run, rounds: int) -> dict[str, list[float]]:
+    """``run(name, model)`` once per variant to warm up (first load, allocator, kernels), then interleaved round by
+    round, so that the machine's drift hits every variant alike: ``{name: [seconds per round]}``."""
+    for name, m in variants.items():
+        run(name, m)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, m in variants.items():
+            times[name].append(run(name, m))
+    return times
+
+
+def print_ratios(times: dict[str, list[float]], base: str, notes: dict | None = None) -> None:
+    """One line per variant: the median time and its ratio to ``base``'s median."""
+    ref = statistics.median(times[base])
+    width = max(len(k) for k in times)
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:>{width}}: {med:8.3f} s/step  ratio {med / ref:5.3f}x{(notes or {}).get(name, '')}  "
+              f"(runs: {', '.join(f'{t:.3f}' for t in ts)})")
+
+
 def build_model(device):
     import comfy.model_detection
     import comfy.model_patcher

@@ -38,6 +38,8 @@ log = logging.getLogger("personalize")
 
 REGIONS = "PERSONALIZE_IPA_REGIONS"
 IN_CLIP_VISION = ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with."})
+IN_SHARPENING = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                           "tooltip": "Contrast-adaptive sharpening (0: none)."})
 
 
 def _model_layout(model) -> str:
@@ -272,8 +274,7 @@ class PersonalizePrepImageForClipVision:
                              "interpolation": (list(imgs.INTERPOLATIONS), {"default": "LANCZOS", "tooltip": "Resize filter."}),
                              "crop_position": (list(imgs.CROP_POSITIONS), {"default": "center", "tooltip": "Where the "
                                                "square is taken, or 'pad' to keep the whole picture."}),
-                             "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                                      "tooltip": "Contrast-adaptive sharpening (0: none)."}),
+                             "sharpening": IN_SHARPENING,
                              "size": ("INT", {"default": 224, "min": 64, "max": 1024, "tooltip": "Output side (224 for "
                                       "the ViT-H / bigG encoders, 336 for ViT-L-336)."})}}
 
@@ -296,8 +297,7 @@ class PersonalizeIPAdapterEncodeTiled:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"ipadapter": IN_IPADAPTER, "clip_vision": IN_CLIP_VISION, "image": IN_IMAGE,
-                             "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                                      "tooltip": "Contrast-adaptive sharpening of the tiles."})},
+                             "sharpening": IN_SHARPENING},
                 "optional": {"image_negative": IN_NEGATIVE}}
 
     def encode(self, ipadapter, clip_vision, image, sharpening, image_negative=None):

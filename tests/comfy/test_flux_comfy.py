@@ -16,6 +16,7 @@ import tiny_flux
 import torch
 from einops import rearrange
 from flux_reference import reference_ca
+from node_runner import inference_nodes
 
 TOL = 1e-5
 STEPS = 4
@@ -47,27 +48,13 @@ def env(comfy):
     embeds = pulid_mod.PuLIDEmbeds(torch.randn(2, 528, generator=g), [torch.randn(2, 577, 64, generator=g) for _ in range(5)])
     load = lambda node, name: maps[node]().load(name)[0]  # noqa: E731
     # node functions run under inference mode, as ComfyUI's executor runs them
-    nodes_ = {k: inference(v) for k, v in maps.items()}
+    nodes_ = inference_nodes(maps)
     return types.SimpleNamespace(
         maps=nodes_, model=model, xlabs_path=xlabs_path, vae=vae, pos=pos, neg=neg, clip_l=clip_l, embeds=embeds,
         pulid=load("PersonalizePuLIDLoader", "tiny_pulid_flux_v0.9.1.safetensors"),
         xlabs=load("PersonalizeIPAdapterLoader", "tiny_xlabs_4.safetensors"),
         xlabs16=load("PersonalizeIPAdapterLoader", "tiny_xlabs_16.safetensors"),
         image=torch.rand(2, 80, 96, 3, generator=g))
-
-
-def inference(cls):
-    """A node class whose function runs under ``torch.inference_mode()``."""
-    def make():
-        node = cls()
-        fn = getattr(node, cls.FUNCTION)
-
-        def run(*a, **k):
-            with torch.inference_mode():
-                return fn(*a, **k)
-        setattr(node, cls.FUNCTION, run)
-        return node
-    return make
 
 
 def sample(env, model, cfg=1.0, seed=3, size=(48, 64)):

@@ -8,6 +8,7 @@ import types
 import pytest
 import tiny_adapters
 import torch
+from node_runner import inference_nodes
 
 STEPS = 2
 
@@ -33,22 +34,9 @@ def env(comfy, tmp_path_factory):
     os.symlink(comfy.files["clip_vision_vit-h"], root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
     comfy.tiny.write_tiny_lora(str(root / "loras" / "ip-adapter-faceid-plusv2_sd15_lora.safetensors"), "sd15", seed=4)
     g = torch.Generator().manual_seed(0)
-    run = {k: inference(v) for k, v in maps.items()}
+    run = inference_nodes(maps)
     return types.SimpleNamespace(maps=run, sd15=sd15, sdxl=sdxl, cv=cv, root=root, images=torch.rand(3, 64, 64, 3, generator=g),
                                  sites=comfy.module("nodes.comfy.sites"))
-
-
-def inference(cls):
-    def make():
-        node = cls()
-        fn = getattr(node, cls.FUNCTION)
-
-        def run(*a, **k):
-            with torch.inference_mode():
-                return fn(*a, **k)
-        setattr(node, cls.FUNCTION, run)
-        return node
-    return make
 
 
 @pytest.fixture
