@@ -433,14 +433,6 @@ class IPAdapterModel(nn.Module):
         load_exact(model.ip_layers, layers, "ip_adapter", file_keys, assign=True)
         return model.float()
 
-    @classmethod
-    def from_file(cls, path: str) -> IPAdapterModel:
-        parts = split_prefixes(load_file(path), CHECKPOINT_PARTS)
-        try:
-            return cls.from_parts(parts["image_proj"], parts["ip_adapter"])
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from e
-
     def project(self, features: torch.Tensor, clip: torch.Tensor | None = None, shortcut_scale: float | None = None) -> torch.Tensor:
         """Reference features -> image tokens ``[N, T, cross_dim]``.
 

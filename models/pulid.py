@@ -222,14 +222,6 @@ class PuLIDModel(nn.Module):
         load_exact(model, sd, f"the PuLID {spec.version} model", assign=True)
         return model.float()
 
-    @classmethod
-    def from_file(cls, path: str) -> PuLIDModel:
-        parts = split_prefixes(load_file(path), CHECKPOINT_PARTS)
-        try:
-            return cls.from_parts(parts["encoder"], parts["layers"])
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from e
-
 
 def check_model(spec: PuLIDSpec, transformers: list[Transformer], sites: list[Site], context_dim: int) -> None:
     check_sites("PuLID model", spec.layout, spec.widths, spec.cross_dim, transformers, sites, context_dim,

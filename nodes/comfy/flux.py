@@ -15,18 +15,17 @@ at double block 0, where a hook always sits. A model whose diffusion model never
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
 import comfy.ldm.flux.model
+import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as pe
 import torch
+from comfy.ldm.flux.layers import apply_mod
 
 from ...models.dit import BlockCall, BlockPatch
 from .sites import ADDITIONAL_MODELS_KEY, current_sigma
-
-log = logging.getLogger("personalize")
 
 STATE_KEY = "personalize_flux"  # the CallState in a model call's transformer_options
 WRAPPER_KEY = "personalize.flux"  # our DIFFUSION_MODEL wrapper
@@ -73,8 +72,6 @@ def image_query(block, img: torch.Tensor, vec) -> torch.Tensor:
     """A Flux double block's image query of its input ``img``: modulation, norm, qkv and QK-norm as
     ``DoubleStreamBlock.forward`` does them (comfy/ldm/flux/layers.py), before RoPE: ``[B, heads, L, head_dim]``.
     Through the block's own modules, so LoRA, fp8 or GGUF weights behave as in the block."""
-    from comfy.ldm.flux.layers import apply_mod
-
     mod, _ = block.img_mod(vec)
     x = apply_mod(block.img_norm1(img), 1 + mod.scale, mod.shift)
     qkv = block.img_attn.qkv(x)
@@ -86,9 +83,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ComfyUI's attention kernel (the one its Flux blocks use: PyTorch, xformers, sage...) on head-split tensors. Without
     the call's ``transformer_options``: an ``optimized_attention_override`` another pack set expects Flux's joint
     attention, not this one."""
-    from comfy.ldm.modules.attention import optimized_attention
-
-    return optimized_attention(q, k, v, q.shape[1], skip_reshape=True)
+    return comfy_attention.optimized_attention(q, k, v, q.shape[1], skip_reshape=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

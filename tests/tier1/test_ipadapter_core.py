@@ -19,6 +19,7 @@ from comfyui_personalize.models.ipadapter import (
     combine_features,
     detect_family,
     detect_xlabs,
+    load_adapter,
     project_images,
 )
 from comfyui_personalize.models.layers import SD15_TRANSFORMERS, SDXL_TRANSFORMERS, layer_weights, sites_from_transformers
@@ -159,8 +160,8 @@ def test_wrong_layer_count_and_gaps():
 @pytest.mark.parametrize("family", ["base", "plus", "full-face"])
 def test_bin_and_safetensors_load_the_same(tmp_path, family):
     sd = tiny_adapters.adapter_state_dict(family, [32] * 16, 32, 48, seed=3)
-    a = IPAdapterModel.from_file(tiny_adapters.save_adapter(sd, str(tmp_path / "a.safetensors")))
-    b = IPAdapterModel.from_file(tiny_adapters.save_adapter(sd, str(tmp_path / "a.bin")))
+    a = load_adapter(tiny_adapters.save_adapter(sd, str(tmp_path / "a.safetensors")))
+    b = load_adapter(tiny_adapters.save_adapter(sd, str(tmp_path / "a.bin")))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert torch.equal(a.ip_layers[3].to_v_ip.weight, sd["ip_adapter"]["7.to_v_ip.weight"])
@@ -186,7 +187,7 @@ def test_bad_files(tmp_path):
         load_file(str(tmp_path / "evil.bin"))
     torch.save({"image_proj": {"proj.weight": torch.zeros(2, 2)}}, tmp_path / "half.bin")
     with pytest.raises(CheckpointError, match="not an IP-Adapter"):
-        IPAdapterModel.from_file(str(tmp_path / "half.bin"))
+        load_adapter(str(tmp_path / "half.bin"))
     sd = tiny_adapters.adapter_state_dict("base", [32] * 16, 32, 24)
     sd["image_proj"]["norm.weight"] = torch.ones(16)
     with pytest.raises(CheckpointError, match="outputs width"):
